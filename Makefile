@@ -1,0 +1,35 @@
+# nanoseek: `make test` and `make demo` set everything up in .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build on this machine's disk only when no torch is installed yet; a user with a GPU
+# brings their own torch and it is kept.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: venv test lint format bench demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(PY) -m ruff check nanoseek tests benchmarks
+	$(PY) -m ruff format --check nanoseek tests benchmarks
+
+format: venv
+	$(PY) -m ruff format nanoseek tests benchmarks
+	$(PY) -m ruff check --fix nanoseek tests benchmarks
+
+test: lint
+	OMP_NUM_THREADS=2 $(PY) -m pytest
+
+bench: venv
+	$(PY) benchmarks/residual_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

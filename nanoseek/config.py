@@ -1,0 +1,127 @@
+"""Configuration: typed dataclasses with defaults, docstrings and early validation.
+
+Every invalid value raises ``ValueError`` naming the field, the value and what is allowed, so a bad run fails
+before any work is done rather than deep inside a tensor op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+RESIDUAL_KINDS = ("plain", "hc", "mhc")
+FFN_KINDS = ("swiglu", "relu2")
+MHC_RES_INITS = ("identity", "uniform", "eye")
+STREAM_COLLAPSES = ("mean", "sum", "learned")
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise a ValueError that names the offending field, its value and what would be accepted."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    require(value in choices, name, value, f"expected one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the transformer language model and of its residual connections (DESIGN.md §3)."""
+
+    vocab_size: int = 256
+    """Number of token ids (256 for the byte tokenizer)."""
+    d_model: int = 256
+    """Width C of the residual stream and of every block's input and output."""
+    n_layers: int = 4
+    """Number of transformer blocks; each block has two residual sites (attention, FFN)."""
+    n_heads: int = 4
+    """Attention query heads; d_model must be divisible by it."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads (plain multi-head attention)."""
+    seq_len: int = 256
+    """Longest context the model is trained on (rotary tables are built for it)."""
+    ffn: str = "swiglu"
+    """Feed-forward kind: swiglu (gated SiLU) or relu2 (squared ReLU)."""
+    ffn_hidden: int = 0
+    """FFN hidden width; 0 picks the usual size (8/3·d_model rounded up to a multiple of 32 for swiglu, 4·d_model
+    for relu2), so both kinds have about the same parameter count."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before rotary embedding (stabilises attention logits)."""
+    rope_base: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+    norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weight matrices."""
+    residual: str = "plain"
+    """Residual connection: plain (pre-norm residual), hc (Hyper-Connections, arXiv 2409.19606) or mhc
+    (Manifold-Constrained Hyper-Connections, arXiv 2512.24880)."""
+    n_streams: int = 4
+    """Expansion rate n: number of residual streams for hc and mhc (ignored by plain)."""
+    sinkhorn_iters: int = 20
+    """Sinkhorn-Knopp iterations t_max for mhc's H_res (the paper uses 20)."""
+    mhc_res_init: str = "identity"
+    """Initial static bias b_res of mhc: identity (Sinkhorn(b_res) has diagonal 0.95, a near-residual start that
+    still passes gradient), uniform (zeros: every stream mixes equally, 1/n), or eye (b_res = I: diagonal ≈ 0.475
+    at n=4)."""
+    mhc_gate_init: float = 0.01
+    """Initial value of mhc's scalar gates α_pre, α_post, α_res (the paper's 0.01)."""
+    stream_collapse: str = "mean"
+    """How the n streams become one before the final norm: mean (default; keeps the plain model's scale), sum (HC's
+    convention; equal after the final RMSNorm up to its epsilon), or learned (DeepSeek-V4-style dynamic weights)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_streams", "sinkhorn_iters"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, value, "expected an integer >= 1")
+        require(self.n_kv_heads >= 0, "n_kv_heads", self.n_kv_heads, "expected 0 (= n_heads) or a positive integer")
+        require(self.ffn_hidden >= 0, "ffn_hidden", self.ffn_hidden, "expected 0 (automatic) or a positive integer")
+        require(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            self.d_model,
+            f"must be divisible by n_heads={self.n_heads}",
+        )
+        require(self.head_dim % 2 == 0, "d_model", self.d_model, "d_model / n_heads must be even for rotary embeddings")
+        require(
+            self.n_heads % self.kv_heads == 0,
+            "n_kv_heads",
+            self.n_kv_heads,
+            f"must divide n_heads={self.n_heads}",
+        )
+        check_choice("ffn", self.ffn, FFN_KINDS)
+        check_choice("residual", self.residual, RESIDUAL_KINDS)
+        check_choice("mhc_res_init", self.mhc_res_init, MHC_RES_INITS)
+        check_choice("stream_collapse", self.stream_collapse, STREAM_COLLAPSES)
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a positive number")
+        require(self.init_std > 0, "init_std", self.init_std, "expected a positive number")
+        require(self.rope_base > 1, "rope_base", self.rope_base, "expected a number > 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        """The FFN hidden width actually used."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.ffn == "swiglu":
+            return -(-8 * self.d_model // 3 // 32) * 32
+        return 4 * self.d_model
+
+    @property
+    def streams(self) -> int:
+        """Number of residual streams the model carries (1 for the plain residual)."""
+        return 1 if self.residual == "plain" else self.n_streams
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,99 @@
+"""Causal self-attention: rotary position embeddings, grouped-query heads, optional QK-norm, SDPA, and a KV cache
+for incremental decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+def rotary_tables(head_dim: int, start: int, length: int, base: float, device: torch.device) -> torch.Tensor:
+    """cos and sin for positions start .. start+length-1, stacked: (2, length, head_dim / 2), float32."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    t = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(t, inv_freq)
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + D/2}) by position-dependent angles. x: (B, H, T, D); rope: (2, T, D/2)."""
+    cos, sin = rope[0].to(x.dtype), rope[1].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    k, v: (L, B, H_kv, T_max, D). ``valid`` (B, T_max) marks real tokens, so left-padded batches of prompts of
+    different lengths decode together: padding is never attended to. ``pos`` is the number of positions filled."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
+        self.max_len = max_len
+        self.pos = 0
+
+    def mask(self, t_new: int, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Record the new tokens' padding and return the attention mask (B, 1, T_new, pos + T_new), or None when
+        plain causal attention over the filled cache is exact."""
+        end = self.pos + t_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, max_len={self.max_len}")
+        if pad_mask is not None:
+            self.valid[:, self.pos : end] = pad_mask
+        if t_new == 1 and bool(self.valid[:, :end].all()):
+            return None
+        return attention_mask(self.valid[:, :end], self.pos)
+
+
+def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T_q, T_k) for queries at positions start.. that may see key j when j <= query position
+    and key j is real. Each query also sees itself, so a padding query never has an empty row (which would give NaN).
+    valid: (B, T_k)."""
+    t_k = valid.shape[1]
+    q_pos = torch.arange(start, t_k, device=valid.device).unsqueeze(1)
+    k_pos = torch.arange(t_k, device=valid.device).unsqueeze(0)
+    causal = k_pos <= q_pos  # (T_q, T_k)
+    return (causal & valid[:, None, None, :]) | (k_pos == q_pos)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x: (B, T, C); rope: (2, T, D/2); mask: (B, 1, T, T_k) bool or None for plain causal attention
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H_kv, T, D) each
+        q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
+        if cache is not None:
+            end = cache.pos + t
+            cache.k[self.layer_index, :, :, cache.pos : end] = k
+            cache.v[self.layer_index, :, :, cache.pos : end] = v
+            k, v = cache.k[self.layer_index, :, :, :end], cache.v[self.layer_index, :, :, :end]
+        if self.kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+        causal = mask is None and (cache is None or cache.pos == 0)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and t > 1)
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))

@@ -1,0 +1,138 @@
+"""The language model: token embedding -> blocks (attention site, FFN site) -> final RMSNorm -> LM head.
+
+Each site is a residual connection (plain, HC or mHC, see residual.py) around its block function. With HC and mHC
+the residual state is n streams per token, x: (B, T, n, C): created by copying the embedding and collapsed back to
+(B, T, C) before the final norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import CausalSelfAttention, KVCache, attention_mask, rotary_tables
+from nanoseek.model.ffn import make_ffn
+from nanoseek.model.residual import StreamCollapse, expand_streams, make_residual
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.attn = make_residual(cfg, CausalSelfAttention(cfg, index), 2 * index)
+        self.ffn = make_residual(cfg, make_ffn(cfg), 2 * index + 1)
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        return self.ffn(self.attn(x, **attn_kwargs))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.collapse = (
+            StreamCollapse(cfg.stream_collapse, cfg.n_streams, cfg.d_model, cfg.norm_eps)
+            if cfg.residual != "plain"
+            else None
+        )
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Normal(0, init_std) for embeddings and block matrices; output projections scaled by 1/sqrt(2·L) so the
+        residual stream's variance does not grow with depth (GPT-2). Residual-connection parameters keep the
+        initialisation their classes chose."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.head is not None:
+            nn.init.normal_(self.head.weight, std=std)
+        for block in self.blocks:
+            for site in (block.attn, block.ffn):
+                for name, module in site.fn.named_modules():
+                    if isinstance(module, nn.Linear):
+                        scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name in ("proj", "down") else 1.0
+                        nn.init.normal_(module.weight, std=std * scale)
+
+    def residual_sites(self) -> list[nn.Module]:
+        """The 2·n_layers residual connections, bottom to top."""
+        return [site for block in self.blocks for site in (block.attn, block.ffn)]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ):
+        """idx: (B, T) token ids -> logits (B, T, vocab), or (logits, loss) when targets (B, T) are given
+        (target -1 is ignored). With ``cache`` the tokens continue the cached positions; ``pad_mask`` (B, T) marks
+        real tokens (False = padding, never attended to)."""
+        b, t = idx.shape
+        start = cache.pos if cache is not None else 0
+        if cache is None and start + t > self.cfg.seq_len:
+            raise ValueError(f"sequence of {t} tokens is longer than seq_len={self.cfg.seq_len}")
+        rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)
+        if cache is not None:
+            mask = cache.mask(t, pad_mask)
+        else:
+            mask = attention_mask(pad_mask, 0) if pad_mask is not None else None
+        x = self.embed(idx)  # (B, T, C)
+        if self.collapse is not None:
+            x = expand_streams(x, self.cfg.n_streams)  # (B, T, n, C)
+        for block in self.blocks:
+            x = block(x, rope=rope, cache=cache, mask=mask)
+        if cache is not None:
+            cache.pos += t
+        if self.collapse is not None:
+            x = self.collapse(x)
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Analytic size and cost
+
+    def num_params(self) -> int:
+        """Parameter count from the config alone (a test checks it against the real tensors)."""
+        c = self.cfg
+        d, n, hd = c.d_model, c.n_streams, c.head_dim
+        attn = d * c.n_heads * hd + 2 * d * c.kv_heads * hd + c.n_heads * hd * d + (2 * hd if c.qk_norm else 0)
+        ffn = (3 if c.ffn == "swiglu" else 2) * d * c.hidden
+        site = {
+            "plain": d,  # the pre-norm weight
+            "hc": d + n + n * n + n + d * (n + 2) + 2,
+            "mhc": d + n * d * (2 * n + n * n) + 3 + 2 * n + n * n,
+        }[c.residual]
+        collapse = n * d * n + n if c.residual != "plain" and c.stream_collapse == "learned" else 0
+        head = 0 if c.tie_embeddings else c.vocab_size * d
+        return c.vocab_size * d + head + c.n_layers * (attn + ffn + 2 * site) + collapse + d
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight, plus attention and stream mixing.
+
+        * matmul weights: attention and FFN projections, the LM head, mHC's φ, HC's dynamic map (applied to each of
+          the n streams), the learned collapse; the embedding lookup is not a matmul;
+        * attention: scores and weighted values over the full T×T square, 2·2·T·C forward per token and layer
+          (the usual convention, as in Kaplan et al.; a causal kernel could skip half);
+        * stream mixing (hc, mhc): per site, read 2nC + mix 2n²C + write 2nC forward.
+        Backward costs twice the forward, hence the factor 3 on every forward count."""
+        c = self.cfg
+        t = seq_len or c.seq_len
+        d, n = c.d_model, c.n_streams
+        attn = d * c.n_heads * c.head_dim + 2 * d * c.kv_heads * c.head_dim + c.n_heads * c.head_dim * d
+        ffn = (3 if c.ffn == "swiglu" else 2) * d * c.hidden
+        site = {"plain": 0, "hc": n * d * (n + 2), "mhc": n * d * (2 * n + n * n)}[c.residual]
+        collapse = n * d * n if c.residual != "plain" and c.stream_collapse == "learned" else 0
+        matmul = c.n_layers * (attn + ffn + 2 * site) + c.vocab_size * d + collapse
+        attention = c.n_layers * 2 * 2 * t * c.n_heads * c.head_dim
+        mixing = 0 if c.residual == "plain" else 2 * c.n_layers * 2 * d * (n * n + 2 * n)
+        return 3 * (2 * matmul + attention + mixing)
