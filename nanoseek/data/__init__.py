@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, user text, tokenizers, batching and verifiable reasoning tasks."""
