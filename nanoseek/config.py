@@ -6,8 +6,18 @@ before any work is done rather than deep inside a tensor op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+import difflib
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 RESIDUAL_KINDS = ("plain", "hc", "mhc")
 FFN_KINDS = ("swiglu", "relu2")
@@ -123,5 +133,200 @@ class ModelConfig:
         return 1 if self.residual == "plain" else self.n_streams
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+DATA_SOURCES = ("python-docs",)
+TOKENIZERS = ("byte", "bpe")
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+ON_NAN = ("stop", "skip")
+
+
+@dataclass
+class DataConfig:
+    """What text the model learns from and how it becomes tokens (DESIGN.md §7)."""
+
+    source: str = "python-docs"
+    """python-docs (the running CPython's own documentation: pydoc topics + stdlib docstrings, no download), or a
+    path to a UTF-8 text file or a folder of text files."""
+    tokenizer: str = "byte"
+    """byte (vocab 256, no training) or bpe (trained on the train split with the `tokenizers` library)."""
+    bpe_vocab_size: int = 1024
+    """Vocabulary size of the BPE tokenizer (bpe only); model.vocab_size is set from the tokenizer."""
+    val_fraction: float = 0.05
+    """Share of the corpus held out for validation (whole documents chosen by a hash of their name, or the tail of
+    a single document)."""
+
+    def __post_init__(self) -> None:
+        check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        require(256 < self.bpe_vocab_size <= 65536, "bpe_vocab_size", self.bpe_vocab_size, "expected 257..65536")
+        require(0 < self.val_fraction < 0.5, "val_fraction", self.val_fraction, "expected a number in (0, 0.5)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch, schedule, optimiser, evaluation, checkpoints, precision and failure handling."""
+
+    steps: int = 200
+    """Optimizer steps (the schedule is laid out over them)."""
+    max_time: float = 0.0
+    """Stop after this many seconds of training (0 = no time budget); a checkpoint is written at the stop."""
+    batch_size: int = 16
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = batch_size × grad_accum × processes."""
+    optimizer: str = "adamw"
+    """adamw, or muon (torch.optim.Muon on 2-D block weight matrices, AdamW on everything else, as modded-nanogpt)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, and Muon with its RMS-matching adjustment)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """cosine decay after warm-up, or wsd (warmup-stable-decay: constant, then linear decay over decay_fraction)."""
+    decay_fraction: float = 0.2
+    """Share of the steps spent decaying in the wsd schedule."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on weight matrices (never on norms, biases, gates or embeddings unless
+    decay_embeddings)."""
+    decay_embeddings: bool = False
+    """Apply weight decay to the embedding / LM head too."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    eval_every: int = 50
+    """Evaluate the validation loss every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Batches of batch_size windows per evaluation (the same windows every time)."""
+    diag_every: int = 50
+    """Residual gain diagnostics every this many steps for hc / mhc (0 = never)."""
+    ckpt_every: int = 0
+    """Write a checkpoint every this many steps (0 = only at the end, on Ctrl-C and at the time budget)."""
+    keep_last: int = 2
+    """Checkpoints kept in the run folder (older ones are deleted after a new one is complete)."""
+    seed: int = 0
+    """Seeds the weights and the data windows."""
+    dtype: str = "float32"
+    """float32, or bfloat16 (autocast for the matmuls; weights, optimizer and residual coefficients stay fp32)."""
+    compile: bool = False
+    """torch.compile the model (the first step's compile time is reported separately)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    on_nan: str = "stop"
+    """When the loss or gradient is not finite: stop (with a message naming the step; no checkpoint is written from
+    the poisoned weights) or skip the step."""
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep_last"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, value, "expected an integer >= 1")
+        for name in ("warmup_steps", "diag_every", "ckpt_every", "threads", "seed"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 0, name, value, "expected an integer >= 0")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_choice("on_nan", self.on_nan, ON_NAN)
+        require(self.lr > 0, "lr", self.lr, "expected a positive number")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")
+        require(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "expected (0, 1]")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "expected a number >= 0")
+        require(0 <= self.beta1 < 1, "beta1", self.beta1, "expected a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", self.beta2, "expected a number in [0, 1)")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "expected a number >= 0 (0 = off)")
+        require(self.max_time >= 0, "max_time", self.max_time, "expected seconds >= 0 (0 = no limit)")
+        require(self.warmup_steps <= self.steps, "warmup_steps", self.warmup_steps, f"must be <= steps={self.steps}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs: the sections [model], [data] and [train] of a TOML file."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    SECTIONS: ClassVar[dict[str, type]] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        """Build and validate; unknown sections or keys and values of the wrong type are errors naming them."""
+        unknown = set(raw) - set(cls.SECTIONS)
+        if unknown:
+            raise ValueError(f"{where}: unknown section [{sorted(unknown)[0]}]; allowed: {', '.join(cls.SECTIONS)}")
+        parts = {}
+        for name, section_cls in cls.SECTIONS.items():
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise ValueError(f"{where}: [{name}] must be a table of key = value pairs")
+            typed = {k: _typed(section_cls, name, k, v, where) for k, v in values.items()}
+            try:
+                parts[name] = section_cls(**typed)
+            except ValueError as err:
+                raise ValueError(f"{where}: [{name}] {err}") from None
+        return cls(**parts)
+
+
+def _typed(section_cls: type, section: str, key: str, value: Any, where: str) -> Any:
+    """Check that ``key`` exists in the section and ``value`` has its type (ints are accepted for floats)."""
+    kinds = {f.name: f.type for f in fields(section_cls)}
+    if key not in kinds:
+        close = difflib.get_close_matches(key, kinds, n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
+        raise ValueError(f"{where}: unknown key {section}.{key}{hint}; allowed: {', '.join(kinds)}")
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[kinds[key]]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{where}: {section}.{key}={value!r} has the wrong type: expected {kind.__name__}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value); the value is read as a TOML literal, else as a string."""
+    path, sep, raw = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ValueError(f"--set {text!r}: expected section.key=value, e.g. --set model.d_model=128")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key.strip(), value
+
+
+def load_run_config(
+    files: list[str | Path] = (), overrides: list[str] = (), base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Merge TOML files in order, then ``--set`` overrides, onto ``base`` and validate the result."""
+    raw: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        for section, values in loaded.items():
+            if isinstance(values, dict):
+                raw.setdefault(section, {}).update(values)
+            else:
+                raw[section] = values
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return RunConfig.from_dict(raw)
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(cfg.to_dict()), encoding="utf-8")

@@ -1,0 +1,157 @@
+"""The ``nanoseek`` command: one subcommand per stage. It only wires arguments to the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import nanoseek
+
+CONFIG_DIR = Path(nanoseek.__file__).resolve().parent.parent / "configs"
+
+EPILOG = """examples:
+  nanoseek train --preset demo                       train the demo model on the embedded Python docs
+  nanoseek train --preset tiny --set model.residual=mhc --out runs/mhc
+  nanoseek train --resume --out runs/mhc             continue the newest checkpoint in runs/mhc exactly
+  torchrun --nproc_per_node=2 -m nanoseek train --preset tiny      data-parallel on 2 processes
+  nanoseek sample --ckpt runs/demo --prompt "The with statement"
+"""
+
+
+def preset_path(name: str, kind: str = "") -> Path:
+    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
+    path = folder / f"{name}.toml"
+    if not path.is_file():
+        found = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+        raise ValueError(f"--preset {name!r} not found in {folder}; available: {', '.join(found) or 'none'}")
+    return path
+
+
+def add_config_args(p: argparse.ArgumentParser, kind: str = "") -> None:
+    p.add_argument("--preset", help=f"a named config from configs/{kind} (e.g. tiny, demo)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE.toml", help="config file(s), merged in order")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value, e.g. --set model.residual=mhc --set train.lr=1e-3 (repeatable)",
+    )
+
+
+def _config_files(args: argparse.Namespace, kind: str = "") -> list[Path]:
+    return ([preset_path(args.preset, kind)] if args.preset else []) + [Path(c) for c in args.config]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanoseek.config import load_run_config
+    from nanoseek.train.checkpoint import list_checkpoints
+    from nanoseek.train.trainer import Trainer
+
+    out = Path(args.out or f"runs/{args.preset or 'run'}")
+    resume = None
+    if args.resume:
+        resume = out if args.resume is True else Path(args.resume)
+        if args.preset or args.config:
+            raise ValueError("--resume takes its config from the checkpoint; pass only --set overrides with it")
+        cfg = None
+    else:
+        if list_checkpoints(out):
+            raise ValueError(f"{out} already holds checkpoints; continue it with --resume, or choose another --out")
+        cfg = load_run_config(_config_files(args), args.set)
+    trainer = Trainer(cfg, out, resume=resume, overrides=args.set if resume else (), progress=not args.no_progress)
+    summary = trainer.run()
+    if trainer.dist.main:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from nanoseek.train.sampling import sample_text
+
+    for text in sample_text(
+        args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.num_samples
+    ):
+        print(text)
+        print("-" * 40)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from nanoseek.config import DataConfig
+    from nanoseek.data.loader import load_token_data
+    from nanoseek.measure.provenance import provenance
+
+    info = provenance()
+    data = load_token_data(DataConfig(source=args.data), seq_len=1)
+    info["corpus"] = data.metadata
+    info["presets"] = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanoseek",
+        description="DeepSeek's recipe (mHC, DeepSeekMoE, GRPO) small, readable and measured.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nanoseek {nanoseek.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="pretrain a language model",
+        description="Pretrain a transformer LM. Config = preset, then --config files, then --set overrides. "
+        "Writes metrics.jsonl, run.json, summary.json and checkpoints (ckpt-*) into --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--out", help="run folder (default runs/<preset>)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="continue exactly from the newest checkpoint of --out (or of DIR)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint", description="Generate text with the KV cache.")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("info", help="machine, versions and corpus statistics")
+    p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nanoseek.train.checkpoint import CheckpointError
+    from nanoseek.train.trainer import TrainingError
+
+    try:
+        return args.func(args)
+    except (ValueError, CheckpointError) as err:
+        print(f"nanoseek {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"nanoseek {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measurement: FLOPs, time, energy, cost, provenance, and the comparison harness."""

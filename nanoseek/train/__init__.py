@@ -1,0 +1,1 @@
+"""Training: the pretraining / SFT loop, optimizers, schedules, checkpoints and distributed setup."""

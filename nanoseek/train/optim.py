@@ -1,0 +1,90 @@
+"""Optimizers and learning-rate schedules.
+
+AdamW decays only weight matrices: norms, biases, gates, the small residual-connection coefficients and (unless
+asked) the embedding are left alone, since decaying them pulls scales and gates toward zero for no benefit.
+Muon (``torch.optim.Muon``, the orthogonalised-momentum optimizer of modded-nanogpt) takes the 2-D weight matrices of
+the blocks; everything else — embedding, LM head, vectors, residual coefficients — stays with AdamW, as Muon is only
+defined for hidden matrices. Muon uses ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling, arXiv 2502.16982), so
+one learning rate serves both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nanoseek.config import TrainConfig
+
+# Parameters of the residual connections and routers that are small coefficient tables, not weight matrices.
+_NO_DECAY_NAMES = ("b_res", "static_mix", "phi", "dynamic", "alpha", "scale_", "collapse")
+
+
+def _is_block_matrix(name: str, p: nn.Parameter) -> bool:
+    return p.ndim == 2 and name.startswith("blocks.") and not any(k in name for k in _NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Split parameters into 'matrices' (decayed; Muon's when optimizer=muon), 'embeddings' and 'other'."""
+    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "other": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if _is_block_matrix(name, p):
+            groups["matrices"].append(p)
+        elif name.startswith(("embed.", "head.")):
+            groups["embeddings"].append(p)
+        else:
+            groups["other"].append(p)
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    groups = param_groups(model)
+    embed_decay = cfg.weight_decay if cfg.decay_embeddings else 0.0
+    adam_groups = [
+        {"params": groups["embeddings"], "weight_decay": embed_decay},
+        {"params": groups["other"], "weight_decay": 0.0},
+    ]
+    optimizers: list[torch.optim.Optimizer] = []
+    if cfg.optimizer == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(
+                f"train.optimizer='muon' needs torch.optim.Muon (torch >= 2.9); this is {torch.__version__}"
+            )
+        optimizers.append(
+            torch.optim.Muon(
+                groups["matrices"], lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+            )
+        )
+    else:
+        adam_groups.insert(0, {"params": groups["matrices"], "weight_decay": cfg.weight_decay})
+    adam_groups = [g for g in adam_groups if g["params"]]
+    optimizers.insert(0, torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = cfg.lr
+    return optimizers
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up to 1, then cosine down to
+    min_lr_ratio, or (wsd) constant and a linear decay over the last decay_fraction of the steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = cfg.steps - max(1, round(cfg.decay_fraction * cfg.steps))
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / (cfg.steps - decay_start)
+    return 1 - (1 - cfg.min_lr_ratio) * min(progress, 1.0)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+    return optimizers[0].param_groups[0]["lr"]

@@ -1,0 +1,98 @@
+"""The `nanoseek` command end to end: help, bad input, Ctrl-C, torchrun data parallelism."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nanoseek.cli import main
+
+TINY = ["--preset", "tiny", "--no-progress"]
+
+
+def run_cli(*args, timeout=120, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, **kwargs)  # fmt: skip
+
+
+def test_help_explains_every_subcommand(capsys):
+    for command in ("train", "sample", "info"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--set SECTION.KEY=VALUE" in out and "--resume" in out and "--max-new-tokens" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.d_modle=64"], "unknown key model.d_modle (did you mean model.d_model?)"),
+        (["--set", "train.steps=many"], "train.steps='many' has the wrong type: expected int"),
+        (["--set", "train.warmup_steps=99"], "[train] warmup_steps=99 is invalid: must be <= steps=8"),
+        (["--set", "model.residual=highway"], "[model] residual='highway' is invalid: expected one of plain, hc, mhc"),
+        (["--set", "optim.lr=1"], "unknown section [optim]"),
+        (["--set", "lr"], "expected section.key=value"),
+        (["--config", "missing.toml"], "config file 'missing.toml' does not exist"),
+    ],
+)
+def test_bad_config_fails_before_training_naming_the_problem(tmp_path, capsys, args, message):
+    assert main(["train", *TINY, "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    assert (
+        main(["train", *TINY, "--out", str(tmp_path), "--set", "train.steps=2", "--set", "train.warmup_steps=1"]) == 0
+    )
+    assert main(["train", *TINY, "--out", str(tmp_path)]) == 2
+    assert "already holds checkpoints; continue it with --resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoseek", "train", *TINY, "--out", str(tmp_path), "--set", "train.steps=100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and 3 <= summary["step"] < 100000
+    assert (tmp_path / f"ckpt-{summary['step']:07d}" / "meta.json").is_file()
+    assert "continue with --resume" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    common = ["--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=4"]
+    one = run_cli("train", *TINY, *common, "--set", "train.batch_size=4", "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek", "train",
+         *TINY, *common, "--set", "train.batch_size=2", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def read(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = read("one"), read("two")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
+    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
