@@ -96,3 +96,13 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
     assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+
+
+def test_every_preset_is_a_valid_config():
+    from nanoseek.cli import CONFIG_DIR
+    from nanoseek.config import load_run_config
+
+    presets = sorted(CONFIG_DIR.glob("*.toml"))
+    assert {p.stem for p in presets} >= {"tiny", "demo", "gpu-small"}
+    for path in presets:
+        load_run_config([path])
