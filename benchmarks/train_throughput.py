@@ -89,7 +89,8 @@ def main() -> None:
     for d, peak in peaks.items():
         print(f"matmul peak {d}: {peak / 1e9:.1f} GFLOP/s ({args.matmul_size}^3)")
     print(f"model: d_model={args.d_model} layers={args.layers} heads={args.heads} T={args.seq_len} B={args.batch}")
-    header = f"{'residual':8} {'mode':9} {'dtype':5} {'step s':>8} {'tokens/s':>9} {'MFU':>6} {'vs plain':>8} {'warm-up s':>9}"
+    columns = ("step s", "tokens/s", "MFU", "vs plain", "warm-up s")
+    header = f"{'residual':8} {'mode':9} {'dtype':5} " + " ".join(f"{c:>9}" for c in columns)
     print(header)
     print("-" * len(header))
     base = {}
@@ -108,7 +109,7 @@ def main() -> None:
                 mfu = tps * fpt / peaks[dtype]
                 base.setdefault((mode, dtype), sec)
                 ratio = sec / base[(mode, dtype)]
-                print(f"{residual:8} {mode:9} {dtype:5} {sec:8.3f} {tps:9.0f} {mfu:6.1%} {ratio:7.2f}x {warm:9.1f}")
+                print(f"{residual:8} {mode:9} {dtype:5} {sec:9.3f} {tps:9.0f} {mfu:9.1%} {ratio:8.2f}x {warm:9.1f}")
 
 
 if __name__ == "__main__":
