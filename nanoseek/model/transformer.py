@@ -73,6 +73,17 @@ class Transformer(nn.Module):
         """idx: (B, T) token ids -> logits (B, T, vocab), or (logits, loss) when targets (B, T) are given
         (target -1 is ignored). With ``cache`` the tokens continue the cached positions; ``pad_mask`` (B, T) marks
         real tokens (False = padding, never attended to)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The LM head's input (B, T, C), after the final norm. Callers that need log-probabilities of many positions
+        apply ``lm_head`` to chunks of it, so (B, T, vocab) logits never exist at once."""
         b, t = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is None and start + t > self.cfg.seq_len:
@@ -91,12 +102,11 @@ class Transformer(nn.Module):
             cache.pos += t
         if self.collapse is not None:
             x = self.collapse(x)
-        x = self.norm(x)
-        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        return self.norm(x)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., vocab)."""
+        return F.linear(x, self.embed.weight) if self.head is None else self.head(x)
 
     # -----------------------------------------------------------------------------------------------------------------
     # Analytic size and cost

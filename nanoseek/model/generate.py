@@ -1,0 +1,149 @@
+"""Batched sampling from the language model with the KV cache.
+
+Prompts of different lengths are left-padded into one batch (``pad_mask`` hides the padding; rotary embeddings are
+relative, so this is exact), prefilled in one forward pass, then decoded one token per step for every row at once.
+A row ends at the end-of-text token or when its text contains a stop string; generation ends when every row has
+ended or after ``max_new_tokens``. Randomness comes only from the ``torch.Generator`` passed in, and each step
+draws the same amount of it whatever the logits, so cached and uncached decoding give the same tokens.
+
+Sampling follows the usual order: divide logits by the temperature, keep the top-k, keep the top-p nucleus,
+renormalise, draw (by the exponential-race form of the Gumbel-max trick). Temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.config import require
+from nanoseek.model.attention import KVCache
+
+
+@dataclass
+class Generation:
+    """Output of ``generate`` for B prompts and T ≤ max_new_tokens decoding steps."""
+
+    tokens: torch.Tensor
+    """(B, T) sampled token ids; ``pad_id`` after a row has ended."""
+    mask: torch.Tensor
+    """(B, T) bool: True for tokens of the completion, including the end-of-text token or the token that completed a
+    stop string."""
+    logprobs: torch.Tensor
+    """(B, T) float32: log-probability of each token under the distribution it was drawn from — the temperature,
+    top-k and top-p are applied (renormalised). For greedy decoding, where that distribution is a point mass, it is
+    the untempered model log-probability log_softmax(logits). 0 where ``mask`` is False."""
+    finished: torch.Tensor
+    """(B,) bool: the row ended by end-of-text or a stop string (False: it ran out of max_new_tokens)."""
+
+    def completions(self) -> list[list[int]]:
+        """Each row's completion tokens, without padding."""
+        return [row[m].tolist() for row, m in zip(self.tokens, self.mask, strict=True)]
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (B, V) -> (tokens (B,), log-probabilities (B,)) as described in Generation.logprobs."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    logp = torch.log_softmax(logits, -1)  # (B, V)
+    # argmax of p / E with E ~ Exp(1) i.i.d. is a sample from p; one draw per vocabulary entry and row, always
+    race = torch.empty_like(logp).exponential_(generator=generator)
+    tokens = (logp.exp() / race).argmax(-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    stop: Sequence[str] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    pad_id: int = 0,
+) -> Generation:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    ``stop`` strings need ``decode`` (token ids -> text); a row ends with the token whose decoded text completes a
+    stop string (the tail of the last len(stop) tokens is checked, which assumes every token decodes to at least one
+    byte, true of byte and byte-level BPE tokenizers). ``top_k=0`` and ``top_p=1`` disable those filters.
+    A prompt plus ``max_new_tokens`` longer than the model's ``seq_len`` is an error (positions beyond it were never
+    trained). ``use_cache=False`` recomputes the whole sequence every step: slow, kept as the reference the cached
+    path is tested against."""
+    require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts", "…", "expected non-empty token lists")
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "expected >= 1")
+    require(temperature >= 0, "temperature", temperature, "expected >= 0 (0 is greedy)")
+    require(isinstance(top_k, int) and top_k >= 0, "top_k", top_k, "expected an integer >= 0 (0 disables it)")
+    require(0 < top_p <= 1, "top_p", top_p, "expected a number in (0, 1] (1 disables it)")
+    require(not stop or decode is not None, "stop", stop, "stop strings need a decode function")
+    longest, seq_len = max(len(p) for p in prompts), model.cfg.seq_len
+    require(
+        longest + max_new_tokens <= seq_len,
+        "max_new_tokens",
+        max_new_tokens,
+        f"a prompt of {longest} tokens plus max_new_tokens must fit the model's seq_len={seq_len}",
+    )
+    device = next(model.parameters()).device
+    b = len(prompts)
+    seq = torch.full((b, longest), pad_id, dtype=torch.long, device=device)  # left-padded prompts
+    pad_mask = torch.zeros(b, longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        seq[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        pad_mask[i, longest - len(p) :] = True
+
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype) if use_cache else None
+    logits = model(seq, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
+    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    window = max((len(s.encode()) for s in stop), default=0)
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        live = ~done
+        tokens[:, t] = torch.where(live, nxt, pad_id)
+        logprobs[:, t] = torch.where(live, lp, 0.0)
+        mask[:, t] = live
+        ended = live & (nxt == eos_id) if eos_id is not None else torch.zeros_like(live)
+        for i in live.nonzero().flatten().tolist() if window else ():
+            tail = decode(tokens[i, max(0, t + 1 - window) : t + 1].tolist())
+            ended[i] |= any(s in tail for s in stop)
+        finished |= ended
+        done |= ended
+        steps = t + 1
+        if bool(done.all()) or steps == max_new_tokens:
+            break
+        if cache is not None:
+            logits = model(tokens[:, t : t + 1], cache=cache)[:, -1]
+        else:
+            full = torch.cat([seq, tokens[:, :steps]], dim=1)
+            full_mask = torch.cat([pad_mask, torch.ones(b, steps, dtype=torch.bool, device=device)], dim=1)
+            logits = model(full, pad_mask=full_mask)[:, -1]
+    return Generation(tokens[:, :steps], mask[:, :steps], logprobs[:, :steps], finished)

@@ -1,0 +1,115 @@
+"""Batched generation with the KV cache: cache equivalence, padding, stop conditions, sampling distributions."""
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.generate import generate, sample_next
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=48)
+PROMPTS = [[5, 9, 2], [7, 1, 1, 3, 8, 6, 2], [4]]  # different lengths: left padding
+
+
+def letters(ids: list[int]) -> str:
+    """A decode function with one character per token."""
+    return "".join(chr(65 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(temperature=0.7, top_k=10), dict(temperature=1.3, top_p=0.9)])
+def test_cached_and_uncached_sampling_give_the_same_tokens(model, kwargs):
+    runs = [
+        generate(model, PROMPTS, 20, generator=torch.Generator().manual_seed(1), use_cache=c, **kwargs)
+        for c in (True, False)
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-5)
+    assert runs[0].tokens.shape == (3, 20) and runs[0].mask.all()
+    # a different seed gives different samples
+    other = generate(model, PROMPTS, 20, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert not torch.equal(other.tokens, runs[0].tokens)
+
+
+def test_greedy_follows_the_argmax_and_ignores_left_padding(model):
+    batch = generate(model, PROMPTS, 12, temperature=0)
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for t in range(12):
+            logits = model(torch.tensor([seq]))[0, -1]
+            seq.append(int(logits.argmax()))
+            expected_lp = torch.log_softmax(logits, -1)[seq[-1]]
+            assert abs(batch.logprobs[i, t].item() - expected_lp.item()) < 1e-5
+        assert batch.tokens[i].tolist() == seq[len(prompt) :]
+
+
+def test_logprobs_are_of_the_tempered_distribution(model):
+    gen = generate(model, PROMPTS[:1], 6, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    seq = torch.tensor([PROMPTS[0] + gen.tokens[0].tolist()])
+    logits = model(seq)[0, len(PROMPTS[0]) - 1 : -1]  # (6, V) predicting the generated tokens
+    expected = torch.log_softmax(logits / 0.5, -1).gather(-1, gen.tokens[0][:, None])[:, 0]
+    torch.testing.assert_close(gen.logprobs[0], expected, rtol=0, atol=1e-5)
+
+
+def test_stop_string_ends_a_row_with_the_token_that_completes_it(model):
+    free = generate(model, PROMPTS, 16, temperature=0)
+    text = letters(free.tokens[0].tolist())
+    stop = text[4:7]
+    end = text.index(stop) + len(stop)  # number of tokens kept in row 0
+    out = generate(model, PROMPTS, 16, temperature=0, stop=[stop], decode=letters)
+    assert out.mask[0].sum() == end and out.finished[0]
+    assert letters(out.completions()[0]).endswith(stop)
+    assert out.tokens[0, :end].tolist() == free.tokens[0, :end].tolist()
+    assert (out.tokens[0, end:] == 0).all() and (out.logprobs[0, end:] == 0).all()
+    # other rows continue unless they meet the stop string too
+    for i in (1, 2):
+        row = letters(free.tokens[i].tolist())
+        assert out.finished[i] == (stop in row)
+
+
+def test_end_of_text_token_ends_a_row_and_all_rows_ending_stops_early(model):
+    free = generate(model, PROMPTS, 16, temperature=0)
+    eos = int(free.tokens[1, 2])
+    out = generate(model, PROMPTS, 16, temperature=0, eos_id=eos)
+    first = free.tokens[1].tolist().index(eos)
+    assert out.mask[1].sum() == first + 1 and out.finished[1] and out.tokens[1, first] == eos
+    one = generate(model, PROMPTS[1:2], 16, temperature=0, eos_id=eos)
+    assert one.tokens.shape == (1, first + 1)  # nothing left to generate: the loop stopped
+
+
+def test_sampling_matches_the_filtered_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(40_000, 4)
+    cases = [
+        (dict(top_k=0, top_p=1.0), [0.5, 0.3, 0.15, 0.05]),
+        (dict(top_k=3, top_p=1.0), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
+        (dict(top_k=0, top_p=0.8), [0.625, 0.375, 0.0, 0.0]),  # 0.5 + 0.3 reaches 0.8: the rest is cut
+        (dict(top_k=0, top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
+    ]
+    g = torch.Generator().manual_seed(0)
+    for kwargs, expected in cases:
+        tokens, logp = sample_next(logits, 1.0, generator=g, **kwargs)
+        freq = torch.bincount(tokens, minlength=4).double() / tokens.numel()
+        torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0.01)
+        torch.testing.assert_close(logp.exp(), torch.tensor(expected)[tokens], rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_one_is_greedy_with_log_probability_zero(model):
+    sampled = generate(model, PROMPTS, 8, top_k=1, generator=torch.Generator().manual_seed(3))
+    greedy = generate(model, PROMPTS, 8, temperature=0)
+    assert torch.equal(sampled.tokens, greedy.tokens)
+    assert (sampled.logprobs == 0).all()
+
+
+def test_bad_arguments_are_clear_errors(model):
+    with pytest.raises(ValueError, match="max_new_tokens=42 is invalid.*7 tokens.*seq_len=48"):
+        generate(model, PROMPTS, 42)
+    with pytest.raises(ValueError, match="stop strings need a decode function"):
+        generate(model, PROMPTS, 4, stop=["</answer>"])
+    with pytest.raises(ValueError, match="top_p=0 is invalid"):
+        generate(model, PROMPTS, 4, top_p=0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate(model, [[1], []], 4)
