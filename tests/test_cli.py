@@ -106,3 +106,21 @@ def test_every_preset_is_a_valid_config():
     assert {p.stem for p in presets} >= {"tiny", "demo", "gpu-small"}
     for path in presets:
         load_run_config([path])
+
+
+def test_sample_greedy_with_and_without_cache_gives_the_same_text(tmp_path, capsys):
+    from nanoseek.train.sampling import sample_text
+
+    assert (
+        main(["train", *TINY, "--out", str(tmp_path), "--set", "train.steps=2", "--set", "train.warmup_steps=1"]) == 0
+    )
+    cached = sample_text(tmp_path, "The ", max_new_tokens=20, temperature=0)
+    uncached = sample_text(tmp_path, "The ", max_new_tokens=20, temperature=0, use_cache=False)
+    assert cached == uncached and cached[0].startswith("The ") and len(cached[0].encode()) >= 20
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(tmp_path), "--prompt", "The ", "--max-new-tokens", "10", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+    assert main(["sample", "--ckpt", str(tmp_path), "--max-new-tokens", "500"]) == 2
+    assert "at most 31 new tokens" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err

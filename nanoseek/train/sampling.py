@@ -1,0 +1,55 @@
+"""Text from a checkpoint: load it, encode the prompt with the checkpoint's tokenizer, generate, decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.model import Transformer
+from nanoseek.model.generate import generate
+from nanoseek.train.checkpoint import load_checkpoint
+
+
+def load_model(ckpt: str | Path) -> tuple[Transformer, object]:
+    """(model in eval mode, tokenizer) from a checkpoint folder or a run folder's newest checkpoint."""
+    folder, cfg, weights, _ = load_checkpoint(ckpt)
+    model = Transformer(cfg.model)
+    model.load_state_dict(weights)
+    return model.eval(), load_tokenizer(folder)
+
+
+def sample_text(
+    ckpt: str | Path,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    seed: int = 0,
+    num_samples: int = 1,
+    use_cache: bool = True,
+) -> list[str]:
+    """``num_samples`` continuations of ``prompt`` (the prompt included). Temperature 0 is greedy. The prompt and
+    the new tokens must fit the model's context (``seq_len``); longer requests are an error naming the limit."""
+    model, tokenizer = load_model(ckpt)
+    ids = tokenizer.encode(prompt) or tokenizer.encode("\n")  # an empty prompt starts at a line break
+    room = model.cfg.seq_len - len(ids)
+    if room < 1:
+        raise ValueError(f"--prompt is {len(ids)} tokens; the model's context is seq_len={model.cfg.seq_len}")
+    if max_new_tokens > room:
+        raise ValueError(
+            f"--max-new-tokens={max_new_tokens} does not fit: the prompt takes {len(ids)} of the model's "
+            f"seq_len={model.cfg.seq_len} tokens, so at most {room} new tokens are possible"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    out = generate(
+        model,
+        [ids] * num_samples,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        use_cache=use_cache,
+    )
+    return [tokenizer.decode(ids + completion) for completion in out.completions()]
