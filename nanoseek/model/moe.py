@@ -66,13 +66,17 @@ class RoutedExperts(nn.Module):
                 f"moe_dispatch='grouped' is invalid for {dtype}: torch.nn.functional.grouped_mm takes float32, "
                 "bfloat16 or float16; use moe_dispatch='loop'"
             )
-        x = x.to(dtype)
+        x, gate_up, down = x.to(dtype), self.gate_up.to(dtype), self.down.to(dtype)
         if self.dispatch == "grouped":
-            offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group; the last is M
-            h = swiglu(F.grouped_mm(x, self.gate_up.to(dtype), offs=offsets))  # (M, H)
-            return F.grouped_mm(h, self.down.to(dtype), offs=offsets)
-        groups = zip(x.split(counts.tolist()), self.gate_up.to(dtype), self.down.to(dtype), strict=True)
+            return _grouped_experts(x, gate_up, down, counts)
+        groups = zip(x.split(counts.tolist()), gate_up, down, strict=True)
         return torch.cat([swiglu(xe @ w1) @ w2 for xe, w1, w2 in groups])
+
+
+@torch.compiler.disable  # torch 2.13's meta kernel of grouped_mm accepts bf16 only: run it eagerly under compile
+def _grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    offsets = counts.cumsum(0).to(torch.int32)  # end row of each expert's group; the last is M
+    return F.grouped_mm(swiglu(F.grouped_mm(x, gate_up, offs=offsets)), down, offs=offsets)
 
 
 class MoE(nn.Module):

@@ -2,8 +2,10 @@
 
 Each site is a residual connection (plain, HC or mHC, see residual.py) around its block function. With HC and mHC
 the residual state is n streams per token, x: (B, T, n, C): created by copying the embedding and collapsed back to
-(B, T, C) before the final norm. With ffn="moe" the FFN of blocks first_k_dense.. is DeepSeekMoE (moe.py); the
-trainer calls ``after_optimizer_step()`` after every optimizer step to balance its experts.
+(B, T, C) before the final norm. With ffn="moe" the FFN of blocks first_k_dense.. is DeepSeekMoE (moe.py): the
+trainer calls ``after_optimizer_step()`` after every optimizer step to balance its experts, and in training mode the
+loss returned with targets includes the MoE layers' sequence-wise balance losses (seq_aux_loss); in eval mode it is
+the cross-entropy alone, comparable with a dense model's.
 """
 
 from __future__ import annotations
@@ -86,8 +88,7 @@ class Transformer(nn.Module):
     ):
         """idx: (B, T) token ids -> logits (B, T, vocab), or (logits, loss) when targets (B, T) are given
         (target -1 is ignored). With ``cache`` the tokens continue the cached positions; ``pad_mask`` (B, T) marks
-        real tokens (False = padding, never attended to). In training mode the loss includes the MoE layers'
-        sequence-wise balance losses (seq_aux_loss); in eval mode it is the cross-entropy alone."""
+        real tokens (False = padding, never attended to)."""
         b, t = idx.shape
         start = cache.pos if cache is not None else 0
         if cache is None and start + t > self.cfg.seq_len:
