@@ -3,11 +3,14 @@
 1. Throughput: tokens/s of a full training step (forward + backward + AdamW step + MoE bias update) for a dense
    model, the MoE model with grouped_mm dispatch and the same MoE with the per-expert loop. The arms take turns
    within every repeat, so a slow moment of the machine hits them alike; the median over repeats is reported, as a
-   ratio against the dense model measured in the same run (the issue's goal: MoE >= 0.75x dense).
+   ratio against the dense model measured in the same run (the issue's goal: MoE >= 0.75x dense), with the time per
+   step split into forward, backward and optimizer.
 2. Quality: validation loss after the same token budget (hence about the same FLOPs: active parameters are equal),
-   dense vs MoE (grouped; the loop computes the same function, tests/test_moe.py checks it), one or more seeds,
-   trained with a minimal loop on the bytes of ``pydoc_data.topics`` (the running CPython's documentation topics,
-   concatenated in sorted topic order; the last 10 % of bytes are validation).
+   dense vs MoE (grouped; the loop computes the same function, tests/test_moe.py checks it), 3 seeds by default
+   (below ~1M tokens the seed-to-seed spread is tenths of a nat, docs/LOG.md), trained with a minimal loop on the
+   bytes of ``pydoc_data.topics`` (the running CPython's documentation topics, concatenated in sorted topic order;
+   the last 10 % of bytes are validation). The MoE runs also print their max expert-load violation every 10 % of
+   the steps, e.g. to compare balancing rates: --skip-speed --arms moe-grouped --gamma 0.01
 
 The MoE model's expert width is automatic (ModelConfig.expert_hidden = 0): the dense hidden width divided by
 shared + top_k experts, so both models do about the same work per token. Run with --help for the flags.
@@ -47,9 +50,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timing repeats; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm before timing (default 2)")
     p.add_argument("--budget", type=int, default=1_000_000, help="training tokens per quality run (default 1M)")
-    p.add_argument("--seeds", type=int, default=1, help="quality runs per arm, seeds 0.. (default 1)")
+    p.add_argument("--seeds", type=int, default=3, help="quality runs per arm, seeds 0.. (default 3)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate of the quality runs")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--arms", default="dense,moe-grouped,moe-loop", help="comma-separated subset of the arms")
     p.add_argument("--skip-speed", action="store_true", help="only the quality runs")
     p.add_argument("--skip-quality", action="store_true", help="only the throughput measurement")
     return p.parse_args()
@@ -74,6 +78,14 @@ def configs(a: argparse.Namespace) -> dict[str, ModelConfig]:
     }
 
 
+def chosen_arms(cfgs: dict[str, ModelConfig], arms: str) -> dict[str, ModelConfig]:
+    names = arms.split(",")
+    unknown = [name for name in names if name not in cfgs]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {', '.join(unknown)}; expected a subset of {', '.join(cfgs)}")
+    return {name: cfgs[name] for name in names}
+
+
 def corpus() -> tuple[torch.Tensor, torch.Tensor, str]:
     """Byte tokens (train, val) of pydoc_data.topics and the SHA-256 of the text."""
     data = "".join(topics[k] for k in sorted(topics)).encode("utf-8")
@@ -88,17 +100,24 @@ def batch(tokens: torch.Tensor, b: int, t: int, g: torch.Generator) -> tuple[tor
     return windows[:, :-1], windows[:, 1:]
 
 
-def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+PHASES = ("forward", "backward", "optimizer")
+
+
+def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """One training step; returns the seconds spent in forward, backward and optimizer (+ MoE bias update)."""
+    t0 = time.perf_counter()
     _, loss = model(x, y)
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
     model.after_optimizer_step()
-    return loss.item()
+    return [t1 - t0, t2 - t1, time.perf_counter() - t2]
 
 
-def throughput(cfgs: dict[str, ModelConfig], train: torch.Tensor, a: argparse.Namespace) -> dict[str, float]:
-    """Median tokens/s per arm; arms take turns within each repeat."""
+def throughput(cfgs: dict[str, ModelConfig], train: torch.Tensor, a: argparse.Namespace) -> dict[str, list[float]]:
+    """Per arm: median tokens/s, then median ms per step in each phase; arms take turns within each repeat."""
     g = torch.Generator().manual_seed(0)
     data = [batch(train, a.batch, a.seq_len, g) for _ in range(a.steps)]
     runs = {}
@@ -110,13 +129,18 @@ def throughput(cfgs: dict[str, ModelConfig], train: torch.Tensor, a: argparse.Na
             train_step(model, opt, x, y)
         runs[name] = (model, opt)
     rates: dict[str, list[float]] = {name: [] for name in cfgs}
+    phases: dict[str, list[list[float]]] = {name: [] for name in cfgs}
     for _ in range(a.repeats):
         for name, (model, opt) in runs.items():
             t0 = time.perf_counter()
-            for x, y in data:
-                train_step(model, opt, x, y)
+            times = [train_step(model, opt, x, y) for x, y in data]
             rates[name].append(a.steps * a.batch * a.seq_len / (time.perf_counter() - t0))
-    return {name: statistics.median(r) for name, r in rates.items()}
+            phases[name].append([1000 * sum(column) / a.steps for column in zip(*times, strict=True)])
+    return {
+        name: [statistics.median(rates[name])]
+        + [statistics.median(column) for column in zip(*phases[name], strict=True)]
+        for name in cfgs
+    }
 
 
 @torch.no_grad()
@@ -139,6 +163,7 @@ def quality(cfg: ModelConfig, train: torch.Tensor, val: torch.Tensor, seed: int,
     steps = max(1, a.budget // (a.batch * a.seq_len))
     warm = max(1, steps // 20)
     g = torch.Generator().manual_seed(1000 + seed)
+    trace, marks = [], {steps * i // 10 for i in range(1, 11)}  # max violation every 10 % of the run
     t0 = time.perf_counter()
     for step in range(steps):
         progress = max(0.0, (step - warm) / max(1, steps - warm))
@@ -146,14 +171,10 @@ def quality(cfg: ModelConfig, train: torch.Tensor, val: torch.Tensor, seed: int,
         for group in opt.param_groups:
             group["lr"] = a.lr * factor
         train_step(model, opt, *batch(train, a.batch, a.seq_len, g))
+        if step + 1 in marks and model.moe_layers():
+            trace.append(moe_stats(model)["moe_max_violation"])
     seconds = time.perf_counter() - t0
-    stats = moe_stats(model)
-    return dict(
-        loss=val_loss(model, val, a),
-        seconds=seconds,
-        tokens=steps * a.batch * a.seq_len,
-        violation=stats.get("moe_max_violation"),
-    )
+    return dict(loss=val_loss(model, val, a), seconds=seconds, trace=trace)
 
 
 def mean_ci(xs: list[float]) -> str:
@@ -168,9 +189,10 @@ def mean_ci(xs: list[float]) -> str:
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
-    cfgs = configs(a)
+    every = configs(a)
+    cfgs = chosen_arms(every, a.arms)
     train, val, sha = corpus()
-    moe_cfg = cfgs["moe-grouped"]
+    moe_cfg = every["moe-grouped"]
     print(f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"corpus pydoc_data.topics: {len(train) + len(val):,} bytes, sha256 {sha[:16]}…, last 10 % = validation")
     print(
@@ -183,25 +205,31 @@ def main() -> None:
     for name, m in models.items():
         print(f"{name:<12} {m.num_params():>10,} {m.num_params(active=True):>10,} {m.flops_per_token() / 1e6:>12.2f}")
     if not a.skip_speed:
-        rates = throughput(cfgs, train, a)
+        results = throughput(cfgs, train, a)
         print(f"\nthroughput, forward + backward + AdamW step, median of {a.repeats} repeats × {a.steps} steps")
-        for name, rate in rates.items():
-            print(f"{name:<12} {rate:>10,.0f} tokens/s   {rate / rates['dense']:.2f}× dense")
+        for name, (rate, *ms) in results.items():
+            ratio = f"{rate / results['dense'][0]:.2f}× dense" if "dense" in results else ""
+            split = " + ".join(f"{t:.0f}" for t in ms)
+            print(f"{name:<12} {rate:>10,.0f} tokens/s   {ratio:<11}   ms per step ({', '.join(PHASES)}): {split}")
+    quality_arms = [name for name in cfgs if name != "moe-loop"] or ["moe-loop"]  # the loop = grouped's function
     if not a.skip_quality:
         print(f"\nvalidation loss after {a.budget:,} training tokens, seeds 0..{a.seeds - 1}, lr {a.lr}")
-        results = {
-            name: [quality(cfgs[name], train, val, s, a) for s in range(a.seeds)] for name in ("dense", "moe-grouped")
-        }
-        for name, runs in results.items():
-            losses = [r["loss"] for r in runs]
-            seconds = statistics.median(r["seconds"] for r in runs)
+        runs = {name: [quality(cfgs[name], train, val, s, a) for s in range(a.seeds)] for name in quality_arms}
+        for name, rs in runs.items():
+            losses = [r["loss"] for r in rs]
             each = ", ".join(f"{x:.4f}" for x in losses)
-            violation = runs[-1]["violation"]
-            extra = f", last step's max violation {violation:.2f}" if violation is not None else ""
-            print(f"{name:<12} val loss {mean_ci(losses)}  ({each}), {seconds:.0f} s training{extra}")
-        diff = [m["loss"] - d["loss"] for m, d in zip(results["moe-grouped"], results["dense"], strict=True)]
-        flops = models["moe-grouped"].flops_per_token() / models["dense"].flops_per_token()
-        print(f"MoE - dense val loss (paired by seed): {mean_ci(diff)} at {flops:.3f}× the dense FLOPs per token")
+            print(
+                f"{name:<12} val loss {mean_ci(losses)}  ({each}), {statistics.median(r['seconds'] for r in rs):.0f} s"
+            )
+            for seed, r in enumerate(rs):
+                if r["trace"]:
+                    trace = " ".join(f"{v:.2f}" for v in r["trace"])
+                    print(f"{'':<12} seed {seed}: max violation every 10 % of the steps: {trace}")
+        moe = next((name for name in runs if name != "dense"), None)
+        if "dense" in runs and moe is not None:
+            diff = [m["loss"] - d["loss"] for m, d in zip(runs[moe], runs["dense"], strict=True)]
+            flops = models[moe].flops_per_token() / models["dense"].flops_per_token()
+            print(f"MoE - dense val loss (paired by seed): {mean_ci(diff)} at {flops:.3f}× the dense FLOPs per token")
 
 
 if __name__ == "__main__":

@@ -341,6 +341,20 @@ def test_analytic_flops_within_10_percent_of_flop_counter_loop_dispatch():
     assert analytic < 1.1 * dense.flops_per_token(seq_len=32)  # idle experts cost nothing
 
 
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_routing_is_per_token_so_the_model_stays_causal(dispatch):
+    # sorting and regrouping mix tokens of the whole batch: later tokens and other sequences must not leak in
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**MOE, moe_dispatch=dispatch)).train()
+    idx = torch.randint(0, 64, (3, 20))
+    changed = idx.clone()
+    changed[0, 10:] = torch.randint(0, 64, (10,))
+    changed[1:] = torch.randint(0, 64, (2, 20))
+    before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[0, :10], after[0, :10], rtol=1e-5, atol=1e-6)  # BLAS may block rows anew
+    assert (before[0, 10:] - after[0, 10:]).abs().max() > 0.1
+
+
 def test_kv_cache_logits_equal_full_sequence():
     torch.manual_seed(0)
     cfg = ModelConfig(**MOE, moe_dispatch="loop")
