@@ -129,3 +129,17 @@ def test_norms_biases_gates_and_embeddings_are_not_decayed():
     adamw_, muon = build_optimizers(model, TrainConfig(optimizer="muon"))
     assert {id(p) for p in muon.param_groups[0]["params"]} == {id(p) for p in groups["matrices"]}
     assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
+
+
+def test_moe_experts_are_decayed_routers_are_not_and_loads_are_logged(text_file, tmp_path):
+    moe = ["model.ffn='moe'", "model.n_routed_experts=4", "model.top_k=2", "train.optimizer='muon'"]
+    trainer = Trainer(tiny(text_file, *moe), tmp_path, progress=False)
+    groups = param_groups(trainer.model)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in groups["experts"]} == {"gate_up", "down"}
+    assert any("router" in names[id(p)] for p in groups["other"])
+    assert not any("router" in names[id(p)] for p in groups["matrices"])
+    trainer.run()
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= last["moe_max_violation"] <= 3  # 4 experts: at most 4 / 1 - 1
+    assert abs(sum(last["moe_layer0_load"]) - 1) < 1e-6

@@ -9,6 +9,12 @@ from torch import nn
 from nanoseek.config import ModelConfig
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from the concatenated projections (..., 2H) -> (..., H); shared with the MoE experts."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up share one matmul."""
 
@@ -18,8 +24,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(self.gate_up(x)))
 
 
 class ReLU2(nn.Module):
@@ -35,4 +40,5 @@ class ReLU2(nn.Module):
 
 
 def make_ffn(cfg: ModelConfig) -> nn.Module:
-    return (SwiGLU if cfg.ffn == "swiglu" else ReLU2)(cfg.d_model, cfg.hidden)
+    """The dense FFN of ``cfg``; an MoE model's dense blocks (below first_k_dense) use SwiGLU like its experts."""
+    return (ReLU2 if cfg.ffn == "relu2" else SwiGLU)(cfg.d_model, cfg.hidden)

@@ -2,7 +2,10 @@
 
 Each site is a residual connection (plain, HC or mHC, see residual.py) around its block function. With HC and mHC
 the residual state is n streams per token, x: (B, T, n, C): created by copying the embedding and collapsed back to
-(B, T, C) before the final norm.
+(B, T, C) before the final norm. With ffn="moe" the FFN of blocks first_k_dense.. is DeepSeekMoE (moe.py): the
+trainer calls ``after_optimizer_step()`` after every optimizer step to balance its experts, and in training mode the
+loss returned with targets includes the MoE layers' sequence-wise balance losses (seq_aux_loss); in eval mode it is
+the cross-entropy alone, comparable with a dense model's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import CausalSelfAttention, KVCache, attention_mask, rotary_tables
 from nanoseek.model.ffn import make_ffn
+from nanoseek.model.moe import MoE, update_biases
 from nanoseek.model.residual import StreamCollapse, expand_streams, make_residual
 
 
@@ -23,7 +27,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.attn = make_residual(cfg, CausalSelfAttention(cfg, index), 2 * index)
-        self.ffn = make_residual(cfg, make_ffn(cfg), 2 * index + 1)
+        ffn = MoE(cfg, index) if cfg.ffn == "moe" and index >= cfg.first_k_dense else make_ffn(cfg)
+        self.ffn = make_residual(cfg, ffn, 2 * index + 1)
 
     def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         return self.ffn(self.attn(x, **attn_kwargs))
@@ -45,23 +50,34 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Normal(0, init_std) for embeddings and block matrices; output projections scaled by 1/sqrt(2·L) so the
-        residual stream's variance does not grow with depth (GPT-2). Residual-connection parameters keep the
-        initialisation their classes chose."""
+        """Normal(0, init_std) for embeddings and block matrices (MoE experts and router included); output
+        projections scaled by 1/sqrt(2·L) so the residual stream's variance does not grow with depth (GPT-2).
+        Norm gains and residual-connection parameters keep the initialisation their classes chose."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
         if self.head is not None:
             nn.init.normal_(self.head.weight, std=std)
         for block in self.blocks:
             for site in (block.attn, block.ffn):
-                for name, module in site.fn.named_modules():
-                    if isinstance(module, nn.Linear):
-                        scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name in ("proj", "down") else 1.0
-                        nn.init.normal_(module.weight, std=std * scale)
+                for name, p in site.fn.named_parameters():
+                    if p.dim() < 2:
+                        continue
+                    output = name.removesuffix(".weight").rsplit(".", 1)[-1] in ("proj", "down")
+                    nn.init.normal_(p, std=std * (1 / math.sqrt(2 * self.cfg.n_layers) if output else 1.0))
 
     def residual_sites(self) -> list[nn.Module]:
         """The 2·n_layers residual connections, bottom to top."""
         return [site for block in self.blocks for site in (block.attn, block.ffn)]
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE FFNs, bottom to top (empty for a dense model)."""
+        return [block.ffn.fn for block in self.blocks if isinstance(block.ffn.fn, MoE)]
+
+    def after_optimizer_step(self) -> None:
+        """Call after every optimizer step (on the unwrapped model, on every rank): updates the MoE balancing
+        biases from the token loads counted since the previous call and resets the counts (moe.update_biases).
+        A no-op for a dense model."""
+        update_biases(self.moe_layers())
 
     def forward(
         self,
@@ -77,6 +93,9 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if self.training and aux:
+            loss = loss + torch.stack(aux).sum()
         return logits, loss
 
     def hidden_states(
@@ -111,12 +130,23 @@ class Transformer(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Analytic size and cost
 
-    def num_params(self) -> int:
-        """Parameter count from the config alone (a test checks it against the real tensors)."""
+    def _ffn_params(self, active: bool) -> int:
+        """Matmul weights of all FFNs. An MoE layer holds its router, shared and routed experts; of the routed
+        ones only top_k are *active* for a given token (dropless routing: always exactly top_k)."""
+        c = self.cfg
+        dense = (2 if c.ffn == "relu2" else 3) * c.d_model * c.hidden
+        if c.ffn != "moe":
+            return c.n_layers * dense
+        experts = c.n_shared_experts + (c.top_k if active else c.n_routed_experts)
+        moe = c.n_routed_experts * c.d_model + experts * 3 * c.d_model * c.expert_width
+        return c.first_k_dense * dense + (c.n_layers - c.first_k_dense) * moe
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count from the config alone (a test checks it against the real tensors). ``active=True``
+        counts the parameters one token uses: an MoE layer's idle routed experts are left out."""
         c = self.cfg
         d, n, hd = c.d_model, c.n_streams, c.head_dim
         attn = d * c.n_heads * hd + 2 * d * c.kv_heads * hd + c.n_heads * hd * d + (2 * hd if c.qk_norm else 0)
-        ffn = (3 if c.ffn == "swiglu" else 2) * d * c.hidden
         site = {
             "plain": d,  # the pre-norm weight
             "hc": d + n + n * n + n + d * (n + 2) + 2,
@@ -124,25 +154,28 @@ class Transformer(nn.Module):
         }[c.residual]
         collapse = n * d * n + n if c.residual != "plain" and c.stream_collapse == "learned" else 0
         head = 0 if c.tie_embeddings else c.vocab_size * d
-        return c.vocab_size * d + head + c.n_layers * (attn + ffn + 2 * site) + collapse + d
+        return c.vocab_size * d + head + c.n_layers * (attn + 2 * site) + self._ffn_params(active) + collapse + d
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight, plus attention and stream mixing.
 
         * matmul weights: attention and FFN projections, the LM head, mHC's φ, HC's dynamic map (applied to each of
-          the n streams), the learned collapse; the embedding lookup is not a matmul;
+          the n streams), the learned collapse; the embedding lookup is not a matmul. MoE layers count the router
+          and the *active* experts only (shared + top_k routed), not the idle ones; routing, sorting and gate
+          weighting are not matmuls and are left out;
         * attention: scores and weighted values over the full T×T square, 2·2·T·C forward per token and layer
           (the usual convention, as in Kaplan et al.; a causal kernel could skip half);
         * stream mixing (hc, mhc): per site, read 2nC + mix 2n²C + write 2nC forward.
-        Backward costs twice the forward, hence the factor 3 on every forward count."""
+        Backward costs twice the forward, hence the factor 3 on every forward count. To cross-check an MoE model
+        with FlopCounterMode use moe_dispatch="loop": the counter sees its per-expert matmuls but counts
+        torch.nn.functional.grouped_mm as 0 FLOPs (torch 2.13)."""
         c = self.cfg
         t = seq_len or c.seq_len
         d, n = c.d_model, c.n_streams
         attn = d * c.n_heads * c.head_dim + 2 * d * c.kv_heads * c.head_dim + c.n_heads * c.head_dim * d
-        ffn = (3 if c.ffn == "swiglu" else 2) * d * c.hidden
         site = {"plain": 0, "hc": n * d * (n + 2), "mhc": n * d * (2 * n + n * n)}[c.residual]
         collapse = n * d * n if c.residual != "plain" and c.stream_collapse == "learned" else 0
-        matmul = c.n_layers * (attn + ffn + 2 * site) + c.vocab_size * d + collapse
+        matmul = c.n_layers * (attn + 2 * site) + self._ffn_params(active=True) + c.vocab_size * d + collapse
         attention = c.n_layers * 2 * 2 * t * c.n_heads * c.head_dim
         mixing = 0 if c.residual == "plain" else 2 * c.n_layers * 2 * d * (n * n + 2 * n)
         return 3 * (2 * matmul + attention + mixing)

@@ -3,8 +3,10 @@
 AdamW decays only weight matrices: norms, biases, gates, the small residual-connection coefficients and (unless
 asked) the embedding are left alone, since decaying them pulls scales and gates toward zero for no benefit.
 Muon (``torch.optim.Muon``, the orthogonalised-momentum optimizer of modded-nanogpt) takes the 2-D weight matrices of
-the blocks; everything else — embedding, LM head, vectors, residual coefficients — stays with AdamW, as Muon is only
-defined for hidden matrices. Muon uses ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling, arXiv 2502.16982), so
+the blocks; everything else — embedding, LM head, vectors, residual coefficients, MoE routers — stays with AdamW, as
+Muon is only defined for hidden matrices. MoE expert weights are stacked (E, C, H) tensors: they are decayed like
+matrices but stay with AdamW (torch's Muon takes 2-D parameters only; orthogonalising each expert separately is
+left open). Muon uses ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling, arXiv 2502.16982), so
 one learning rate serves both.
 """
 
@@ -18,21 +20,21 @@ from torch import nn
 from nanoseek.config import TrainConfig
 
 # Parameters of the residual connections and routers that are small coefficient tables, not weight matrices.
-_NO_DECAY_NAMES = ("b_res", "static_mix", "phi", "dynamic", "alpha", "scale_", "collapse")
-
-
-def _is_block_matrix(name: str, p: nn.Parameter) -> bool:
-    return p.ndim == 2 and name.startswith("blocks.") and not any(k in name for k in _NO_DECAY_NAMES)
+_NO_DECAY_NAMES = ("b_res", "static_mix", "phi", "dynamic", "alpha", "scale_", "collapse", "router")
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Split parameters into 'matrices' (decayed; Muon's when optimizer=muon), 'embeddings' and 'other'."""
-    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "other": []}
+    """Split parameters into 'matrices' (2-D block weights: decayed, Muon's when optimizer=muon), 'experts' (stacked
+    MoE expert weights: decayed, AdamW), 'embeddings' and 'other' (never decayed)."""
+    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "experts": [], "embeddings": [], "other": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if _is_block_matrix(name, p):
+        block_weight = name.startswith("blocks.") and not any(k in name for k in _NO_DECAY_NAMES)
+        if block_weight and p.ndim == 2:
             groups["matrices"].append(p)
+        elif block_weight and p.ndim == 3:
+            groups["experts"].append(p)
         elif name.startswith(("embed.", "head.")):
             groups["embeddings"].append(p)
         else:
@@ -44,6 +46,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     groups = param_groups(model)
     embed_decay = cfg.weight_decay if cfg.decay_embeddings else 0.0
     adam_groups = [
+        {"params": groups["experts"], "weight_decay": cfg.weight_decay},
         {"params": groups["embeddings"], "weight_decay": embed_decay},
         {"params": groups["other"], "weight_decay": 0.0},
     ]

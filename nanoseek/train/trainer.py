@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nanoseek.config import RunConfig
 from nanoseek.data.loader import TokenData, load_token_data, train_batch, val_batches
 from nanoseek.measure.provenance import provenance
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, moe_stats
 from nanoseek.model.diagnostics import residual_gains
 from nanoseek.train import distributed
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
@@ -205,9 +205,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        hook = getattr(self.model, "after_optimizer_step", None)
-        if hook is not None:
-            hook()
+        self.model.after_optimizer_step()  # MoE load balancing (a no-op for dense models)
         return loss, norm
 
     def run(self, until: int | None = None) -> dict:
@@ -254,6 +252,7 @@ class Trainer:
                     "cpu_seconds": self.clock.cpu,
                     "warmup_seconds": self.warmup_seconds,
                     "tokens_per_second": tokens_per_step / (time.perf_counter() - t0),
+                    **moe_stats(self.model),
                 }
                 if self.step % t.eval_every == 0 or stop_reason:
                     val_loss = record["val_loss"] = self.evaluate()
