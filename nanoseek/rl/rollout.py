@@ -1,0 +1,171 @@
+"""Rollouts: G sampled completions per problem with their rewards, and the policy's per-token log-probabilities.
+
+A ``Rollout`` keeps token lists, not padded tensors, so groups from several generation rounds (dynamic sampling
+refills) can be selected and joined before one training batch is padded from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from nanoseek.data.tasks import Problem
+from nanoseek.model.generate import generate
+from nanoseek.rl.rewards import RewardFn, render_prompt, score
+
+
+@dataclass
+class Rollout:
+    """N = groups × group_size completions; completion i belongs to group i // group_size."""
+
+    group_size: int
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completions: list[str]
+    finished: list[bool]
+    """The completion ended at a stop string or end-of-text (False: cut at max_new_tokens)."""
+    fields: dict[str, list[Any]]
+    rewards: torch.Tensor
+    """(N,) float64 weighted total reward."""
+    parts: dict[str, torch.Tensor]
+    """Each reward's (N,) values before weighting."""
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.prompts) // self.group_size
+
+    def group_rewards(self) -> torch.Tensor:
+        return self.rewards.view(self.n_groups, self.group_size)
+
+    def select(self, groups: list[int]) -> Rollout:
+        """The rollout restricted to the given group indices."""
+        rows = [g * self.group_size + j for g in groups for j in range(self.group_size)]
+        index = torch.tensor(rows, dtype=torch.long)
+        return Rollout(
+            self.group_size,
+            [self.prompts[r] for r in rows],
+            [self.prompt_ids[r] for r in rows],
+            [self.completion_ids[r] for r in rows],
+            [self.completions[r] for r in rows],
+            [self.finished[r] for r in rows],
+            {k: [v[r] for r in rows] for k, v in self.fields.items()},
+            self.rewards[index],
+            {k: v[index] for k, v in self.parts.items()},
+        )
+
+    @staticmethod
+    def join(rollouts: list[Rollout]) -> Rollout:
+        first = rollouts[0]
+        return Rollout(
+            first.group_size,
+            [p for r in rollouts for p in r.prompts],
+            [p for r in rollouts for p in r.prompt_ids],
+            [c for r in rollouts for c in r.completion_ids],
+            [c for r in rollouts for c in r.completions],
+            [f for r in rollouts for f in r.finished],
+            {k: [x for r in rollouts for x in r.fields[k]] for k in first.fields},
+            torch.cat([r.rewards for r in rollouts]),
+            {k: torch.cat([r.parts[k] for r in rollouts]) for k in first.parts},
+        )
+
+    def batch(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompts followed by right-padded completions: input ids (N, P + T), pad_mask (N, P + T) and
+        the completion mask (N, T); P is the longest prompt, T the longest completion."""
+        n, p = len(self.prompts), max(len(x) for x in self.prompt_ids)
+        t = max(1, max(len(x) for x in self.completion_ids))
+        ids = torch.full((n, p + t), pad_id, dtype=torch.long)
+        pad_mask = torch.zeros(n, p + t, dtype=torch.bool)
+        for i, (prompt, completion) in enumerate(zip(self.prompt_ids, self.completion_ids, strict=True)):
+            ids[i, p - len(prompt) : p] = torch.tensor(prompt)
+            ids[i, p : p + len(completion)] = torch.tensor(completion, dtype=torch.long)
+            pad_mask[i, p - len(prompt) : p + len(completion)] = True
+        return ids, pad_mask, pad_mask[:, p:]
+
+
+def sample_rollout(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: list[Problem],
+    rewards: Mapping[str, tuple[RewardFn, float]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    template: str = "compact",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = ("</answer>",),
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions of every problem's prompt in one batch and score them.
+
+    The tokenizer needs ``encode`` and ``decode``; an ``eos_id`` attribute, if it has one, ends completions too."""
+    prompts = [render_prompt(template, p.question) for p in problems for _ in range(group_size)]
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    gen = generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=getattr(tokenizer, "eos_id", None),
+        stop=stop,
+        decode=tokenizer.decode,
+        generator=generator,
+    )
+    completion_ids = gen.completions()
+    completions = [tokenizer.decode(c) for c in completion_ids]
+    fields = {k: [p.fields[k] for p in problems for _ in range(group_size)] for k in problems[0].fields}
+    total, parts = score(rewards, prompts, completions, **fields, completion_tokens=[len(c) for c in completion_ids])
+    return Rollout(
+        group_size,
+        prompts,
+        prompt_ids,
+        completion_ids,
+        completions,
+        gen.finished.tolist(),
+        fields,
+        torch.tensor(total, dtype=torch.float64),
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.items()},
+    )
+
+
+def _chunk_logprobs(
+    model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # h: (N, c, C); targets: (N, c) -> log π(target) (N, c) and the entropy of π (N, c), both float32
+    logits = model.lm_head(h)  # (N, c, V): one chunk only
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets[..., None])[..., 0], entropy
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    pad_mask: torch.Tensor,
+    prompt_len: int,
+    temperature: float = 1.0,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (N, T) of the completion tokens ids[:, prompt_len:] under softmax(logits / temperature), and
+    the policy's entropy (N, T, no gradient), for the layout of ``Rollout.batch``.
+
+    Logits exist only ``chunk_size`` positions at a time; with gradients on, each chunk is recomputed in backward
+    (activation checkpointing), so neither pass holds (N, T, vocab) float32 logits."""
+    h = model.hidden_states(ids, pad_mask=pad_mask)[:, prompt_len - 1 : -1]  # (N, T, C): position t predicts t+1
+    targets = ids[:, prompt_len:]
+    logps, entropies = [], []
+    for s in range(0, targets.shape[1], chunk_size):
+        args = (model, h[:, s : s + chunk_size], targets[:, s : s + chunk_size], temperature)
+        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if h.requires_grad else _chunk_logprobs(*args)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)
