@@ -87,6 +87,23 @@ class Rollout:
         return ids, pad_mask, pad_mask[:, p:]
 
 
+def complete(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    stop: tuple[str, ...] = ("</answer>",),
+    **sampling: Any,
+) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+    """Encode ``prompts``, generate one completion each in a batch (``sampling``: temperature, top_k, top_p,
+    generator), and return (prompt ids, completion ids, finished). A tokenizer ``eos_id`` attribute ends rows too."""
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    eos_id = getattr(tokenizer, "eos_id", None)
+    gen = generate(model, prompt_ids, max_new_tokens, eos_id=eos_id, stop=stop, decode=tokenizer.decode, **sampling)
+    return prompt_ids, gen.completions(), gen.finished.tolist()
+
+
 def sample_rollout(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -96,40 +113,23 @@ def sample_rollout(
     group_size: int,
     max_new_tokens: int,
     template: str = "compact",
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     stop: tuple[str, ...] = ("</answer>",),
-    generator: torch.Generator | None = None,
+    **sampling: Any,
 ) -> Rollout:
-    """Sample ``group_size`` completions of every problem's prompt in one batch and score them.
-
-    The tokenizer needs ``encode`` and ``decode``; an ``eos_id`` attribute, if it has one, ends completions too."""
+    """Sample ``group_size`` completions of every problem's prompt in one batch and score them."""
     prompts = [render_prompt(template, p.question) for p in problems for _ in range(group_size)]
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
-    gen = generate(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=getattr(tokenizer, "eos_id", None),
-        stop=stop,
-        decode=tokenizer.decode,
-        generator=generator,
-    )
-    completion_ids = gen.completions()
+    prompt_ids, completion_ids, finished = complete(model, tokenizer, prompts, max_new_tokens, stop=stop, **sampling)
     completions = [tokenizer.decode(c) for c in completion_ids]
     fields = {k: [p.fields[k] for p in problems for _ in range(group_size)] for k in problems[0].fields}
-    total, parts = score(rewards, prompts, completions, **fields, completion_tokens=[len(c) for c in completion_ids])
+    lengths = [len(c) for c in completion_ids]
+    total, parts = score(rewards, prompts, completions, **fields, completion_tokens=lengths)
     return Rollout(
         group_size,
         prompts,
         prompt_ids,
         completion_ids,
         completions,
-        gen.finished.tolist(),
+        finished,
         fields,
         torch.tensor(total, dtype=torch.float64),
         {k: torch.tensor(v, dtype=torch.float64) for k, v in parts.items()},
