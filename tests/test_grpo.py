@@ -129,21 +129,27 @@ def test_loss_rejects_bad_loss_type_and_kl_without_reference():
 # Log-probabilities, sampling, updates
 
 
-def test_chunked_log_probs_equal_full_logits_with_gradients():
+def test_chunked_log_probs_of_the_right_padded_batch_equal_each_row_alone_with_gradients():
     torch.manual_seed(0)
     model = Transformer(TINY).double()
-    ids = torch.randint(0, 256, (3, 20))
-    pad = torch.ones(3, 20, dtype=torch.bool)
-    pad[0, :4] = False  # left padding in the prompt
-    pad[2, 15:] = False  # right padding after a short completion
-    full = torch.log_softmax(model(ids, pad_mask=pad)[:, 7:-1] / 0.7, -1)
-    expected = full.gather(-1, ids[:, 8:, None])[..., 0]
-    grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
+    prompts, completions = [5, 8, 3], [6, 4, 7]  # lengths: rows of 11, 12 and 10 tokens, right-padded to 12
+    ids = torch.randint(0, 256, (3, 12))
+    starts = torch.tensor(prompts)
+    expected, entropies = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        logp = torch.log_softmax(model(ids[i : i + 1, : p + c])[0, p - 1 : -1] / 0.7, -1)  # (c, V)
+        expected.append(logp.gather(-1, ids[i, p : p + c, None])[:, 0])
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    grads = torch.autograd.grad(sum(e.sum() for e in expected), list(model.parameters()))
     for chunk in (1, 5, 64):
-        logp, entropy = token_logprobs(model, ids, pad, 8, temperature=0.7, chunk_size=chunk)
-        torch.testing.assert_close(logp, expected)
-        torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1))
-        for g, h in zip(torch.autograd.grad(logp.sum(), list(model.parameters())), grads, strict=True):
+        logp, entropy = token_logprobs(model, ids, starts, 7, temperature=0.7, chunk_size=chunk)
+        assert logp.shape == (3, 7)
+        for i, c in enumerate(completions):
+            torch.testing.assert_close(logp[i, :c], expected[i])
+            torch.testing.assert_close(entropy[i, :c], entropies[i])
+        mask = torch.arange(7) < torch.tensor(completions)[:, None]
+        got = torch.autograd.grad((logp * mask).sum(), list(model.parameters()))
+        for g, h in zip(got, grads, strict=True):
             torch.testing.assert_close(g, h)
 
 

@@ -298,8 +298,8 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         advantages = group_advantages(rollout.group_rewards(), scale=c.loss_type != "dr_grpo", eps=c.adv_eps)
         advantages = advantages.flatten().float()
-        ids, pad_mask, completion_mask = rollout.batch()
-        prompt_len, n = ids.shape[1] - completion_mask.shape[1], ids.shape[0]
+        ids, starts, completion_mask = rollout.batch()
+        n, t = completion_mask.shape
         size = c.micro_batch_size or n
         parts = [slice(s, s + size) for s in range(0, n, size)]
         n_tokens = int(completion_mask.sum())
@@ -307,12 +307,12 @@ class GRPOTrainer:
         ref = [None] * len(parts)
         if self.reference is not None:
             with torch.no_grad():
-                ref = [self._logprobs(self.reference, ids[p], pad_mask[p], prompt_len)[0] for p in parts]
+                ref = [self._logprobs(self.reference, ids[p], starts[p], t)[0] for p in parts]
         old: list[torch.Tensor] = []
         totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0}
         for iteration in range(c.mu):
             for k, p in enumerate(parts):
-                logp, entropy = self._logprobs(self.model, ids[p], pad_mask[p], prompt_len)
+                logp, entropy = self._logprobs(self.model, ids[p], starts[p], t)
                 if iteration == 0:
                     old.append(logp.detach())  # the weights have not moved yet: this is π_old
                 loss, stats = grpo_loss(
@@ -341,11 +341,11 @@ class GRPOTrainer:
         train_time = time.perf_counter() - t0
         if self.reference is None:
             del totals["kl"]
-        real_tokens = pad_mask.sum().item() * c.mu
+        real_tokens = (starts.sum().item() + n_tokens) * c.mu
         return {**totals, "grad_norm": norm.item(), "train_tokens_per_s": real_tokens / train_time}
 
-    def _logprobs(self, model: torch.nn.Module, ids, pad_mask, prompt_len: int):
-        return token_logprobs(model, ids, pad_mask, prompt_len, self.cfg.temperature, self.cfg.logprob_chunk)
+    def _logprobs(self, model: torch.nn.Module, ids: torch.Tensor, starts: torch.Tensor, n_tokens: int):
+        return token_logprobs(model, ids, starts, n_tokens, self.cfg.temperature, self.cfg.logprob_chunk)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Step count, position in the problem stream, sampling RNG and (with β > 0) the reference weights: a flat

@@ -74,17 +74,19 @@ class Rollout:
         )
 
     def batch(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded prompts followed by right-padded completions: input ids (N, P + T), pad_mask (N, P + T) and
-        the completion mask (N, T); P is the longest prompt, T the longest completion."""
-        n, p = len(self.prompts), max(len(x) for x in self.prompt_ids)
-        t = max(1, max(len(x) for x in self.completion_ids))
-        ids = torch.full((n, p + t), pad_id, dtype=torch.long)
-        pad_mask = torch.zeros(n, p + t, dtype=torch.bool)
+        """Each row is its prompt then its completion, right-padded: ids (N, L), the prompt lengths (N,) and the
+        completion mask (N, T), T the longest completion.
+
+        Generation left-pads prompts; training need not, since rotary embeddings are relative: shifting a row left
+        changes none of its logits, and with padding only at the end plain causal attention needs no mask."""
+        lengths = [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids, strict=True)]
+        n, t = len(lengths), max(1, max(len(c) for c in self.completion_ids))
+        ids = torch.full((n, max(lengths)), pad_id, dtype=torch.long)
+        completion_mask = torch.zeros(n, t, dtype=torch.bool)
         for i, (prompt, completion) in enumerate(zip(self.prompt_ids, self.completion_ids, strict=True)):
-            ids[i, p - len(prompt) : p] = torch.tensor(prompt)
-            ids[i, p : p + len(completion)] = torch.tensor(completion, dtype=torch.long)
-            pad_mask[i, p - len(prompt) : p + len(completion)] = True
-        return ids, pad_mask, pad_mask[:, p:]
+            ids[i, : lengths[i]] = torch.tensor(prompt + completion, dtype=torch.long)
+            completion_mask[i, : len(completion)] = True
+        return ids, torch.tensor([len(p) for p in self.prompt_ids]), completion_mask
 
 
 def complete(
@@ -150,20 +152,24 @@ def _chunk_logprobs(
 def token_logprobs(
     model: torch.nn.Module,
     ids: torch.Tensor,
-    pad_mask: torch.Tensor,
-    prompt_len: int,
+    starts: torch.Tensor,
+    n_tokens: int,
     temperature: float = 1.0,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (N, T) of the completion tokens ids[:, prompt_len:] under softmax(logits / temperature), and
-    the policy's entropy (N, T, no gradient), for the layout of ``Rollout.batch``.
+    """Log-probabilities (N, n_tokens) of the tokens ids[i, starts[i] + t] under softmax(logits / temperature), and
+    the policy's entropy there (no gradient), for the right-padded layout of ``Rollout.batch`` (starts = prompt
+    lengths). Entries past a row's end are meaningless: mask them.
 
     Logits exist only ``chunk_size`` positions at a time; with gradients on, each chunk is recomputed in backward
     (activation checkpointing), so neither pass holds (N, T, vocab) float32 logits."""
-    h = model.hidden_states(ids, pad_mask=pad_mask)[:, prompt_len - 1 : -1]  # (N, T, C): position t predicts t+1
-    targets = ids[:, prompt_len:]
+    h = model.hidden_states(ids)  # (N, L, C)
+    last = ids.shape[1] - 1
+    where = (starts[:, None] + torch.arange(n_tokens)).clamp(max=last)  # (N, T) positions of the scored tokens
+    h = h.gather(1, (where - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C): position j predicts j + 1
+    targets = ids.gather(1, where)
     logps, entropies = [], []
-    for s in range(0, targets.shape[1], chunk_size):
+    for s in range(0, n_tokens, chunk_size):
         args = (model, h[:, s : s + chunk_size], targets[:, s : s + chunk_size], temperature)
         lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if h.requires_grad else _chunk_logprobs(*args)
         logps.append(lp)
