@@ -58,8 +58,20 @@ def median_step(times: list[float], warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def run_nanoseek(steps: int) -> tuple[list[float], list[float]]:
-    """Seconds per step, and the seconds of each spent sampling and scoring."""
+def matmul_flops_per_second() -> float:
+    """This machine's fp32 matmul rate at this model's shapes (median of repeats), for the compute floor."""
+    a, b = torch.randn(1280, WIDTH), torch.randn(WIDTH, FFN)
+    times = []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.shape[0] * WIDTH * FFN / statistics.median(times)
+
+
+def run_nanoseek(steps: int) -> tuple[list[float], list[float], float]:
+    """Seconds per step, the seconds of each spent sampling and scoring, and the mean training FLOPs of a step
+    (forward + backward over every prompt and completion token, Transformer.flops_per_token)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=EOS + 1, d_model=WIDTH, n_layers=LAYERS, n_heads=HEADS, ffn_hidden=FFN, seq_len=SEQ, norm_eps=1e-6
@@ -77,14 +89,16 @@ def run_nanoseek(steps: int) -> tuple[list[float], list[float]]:
         template="compact",
     )
     trainer = GRPOTrainer(model, torch.optim.AdamW(model.parameters(), lr=LR), CharTokenizer(), task, grpo, rewards)
-    times, generation = [], []
+    prompt_len = statistics.mean(len(render_prompt("compact", p.question)) for p in problems(PROMPTS * steps)[1])
+    times, generation, tokens = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         metrics = trainer.step()
         times.append(time.perf_counter() - t0)
         generation.append(PROMPTS * GROUP * metrics["completion_len"] / metrics["gen_tokens_per_s"])
+        tokens.append(PROMPTS * GROUP * (prompt_len + metrics["completion_len"]))
     print(f"nanoseek: {model.num_params() / 1e6:.2f}M parameters")
-    return times, generation
+    return times, generation, statistics.mean(tokens) * model.flops_per_token(int(prompt_len) + NEW_TOKENS)
 
 
 def run_trl(steps: int) -> tuple[list[float], str]:
@@ -179,13 +193,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    ours, generation = run_nanoseek(args.steps)
+    ours, generation, train_flops = run_nanoseek(args.steps)
     theirs, version = run_trl(args.steps)
+    rate = matmul_flops_per_second()
     a, b, gen = median_step(ours, args.warmup), median_step(theirs, args.warmup), median_step(generation, args.warmup)
     n = args.steps - args.warmup
     print(f"nanoseek: {a:.3f} s/step, median of {n} (generation {gen:.3f} s, the rest {a - gen:.3f} s)")
     print(f"{version}: {b:.3f} s/step, median of {n}")
     print(f"ratio nanoseek / TRL: {a / b:.2f} (goal <= 0.20)")
+    print(
+        f"compute floor of the update alone: {train_flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s "
+        f"(this machine's matmul rate now) = {train_flops / rate:.3f} s, {train_flops / rate / b:.2f} of TRL's step"
+    )
 
 
 if __name__ == "__main__":
