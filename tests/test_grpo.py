@@ -242,7 +242,7 @@ def test_exact_resume_from_state_dicts():
 
 def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():
     t = trainer(lr=1e-2, loss_type="dapo", mu=2)
-    rewards = [t.step()["reward_mean"] for _ in range(25)]
+    rewards = [t.step()["reward_mean"] for _ in range(20)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert first < 0.65 and last > first + 0.2, rewards
 
