@@ -259,6 +259,8 @@ def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():
         (dict(template="no placeholder"), "template"),
         (dict(overlong_buffer=100, max_new_tokens=64), "overlong_buffer"),
         (dict(epsilon_low=1.0), "epsilon_low"),
+        (dict(stop="</answer>"), "stop"),
+        (dict(stop=("",)), "stop"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):

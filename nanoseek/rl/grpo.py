@@ -182,6 +182,8 @@ class GRPOConfig:
             self.template,
             f"expected one of {', '.join(TEMPLATES)} or a string containing {{question}}",
         )
+        stops_ok = isinstance(self.stop, (list, tuple)) and all(isinstance(x, str) and x for x in self.stop)
+        require(stops_ok, "stop", self.stop, "expected a list of non-empty strings")
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         require(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "expected a number in [0, 1)")
         require(self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, "expected a number >= 0")
