@@ -1,0 +1,158 @@
+"""Evaluation on a task's test split: pass@1 (greedy and sampled) and maj@k, with 95 % confidence intervals.
+
+* pass@1 greedy: share of problems whose greedy answer verifies.
+* pass@1 sampled: mean over problems of the share of k samples that verify (the unbiased pass@1 estimate).
+* maj@k: share of problems whose most frequent answer among k samples (compared by ``task.canonical``; ties go
+  to the answer seen first) verifies.
+
+Intervals are Wilson score intervals over the n problems (Wilson 1927): unlike the normal approximation they stay
+inside [0, 1] and keep their coverage near 0 % and 100 %, where small models live. For pass@1 sampled, a mean of
+per-problem rates in [0, 1] whose variance is at most p(1 − p), the same interval is conservative. The intervals
+cover the sampling of problems (and of completions), not the variation between training seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanoseek.config import require
+from nanoseek.data.tasks import Task
+from nanoseek.rl.rewards import extract_answer, format_ok, render_prompt
+from nanoseek.rl.rollout import complete
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion p observed over n trials."""
+    require(n >= 1, "n", n, "expected at least one trial")
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # at p = 0 (or 1) the bound is exactly 0 (or 1); rounding would leave a residue of ~1e-17
+    return (0.0 if p == 0 else max(0.0, centre - half)), (1.0 if p == 1 else min(1.0, centre + half))
+
+
+@dataclass
+class Estimate:
+    value: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, p: float, n: int) -> Estimate:
+        return cls(p, *wilson_interval(p, n))
+
+
+@dataclass
+class EvalResult:
+    task: str
+    n: int
+    samples: int
+    greedy: Estimate
+    greedy_format: float
+    """Share of greedy completions in the exact think + answer format."""
+    sampled: Estimate | None = None
+    majority: Estimate | None = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """A few greedy completions: question, completion, correct."""
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for metrics.jsonl."""
+        out = {"format_greedy": self.greedy_format}
+        for name, est in (("pass1_greedy", self.greedy), ("pass1_sampled", self.sampled), ("maj", self.majority)):
+            if est is not None:
+                out.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
+        return out
+
+    def report(self) -> str:
+        rows = [("pass@1 greedy", self.greedy)]
+        if self.sampled is not None:
+            rows += [("pass@1 sampled", self.sampled), (f"maj@{self.samples}", self.majority)]
+        lines = [f"{self.task}: {self.n} test problems, 95% Wilson intervals", f"{'metric':<16}{'value':>8}  95% CI"]
+        lines += [f"{name:<16}{e.value:>8.1%}  [{e.low:.1%}, {e.high:.1%}]" for name, e in rows]
+        lines.append(f"{'format (greedy)':<16}{self.greedy_format:>8.1%}")
+        for ex in self.examples:
+            mark = "right" if ex["correct"] else "wrong"
+            lines.append(f"--- {mark}: {ex['question']}\n{ex['completion']}")
+        return "\n".join(lines)
+
+
+def majority_answer(task: Task, completions: list[str]) -> str | None:
+    """The most frequent answer by ``task.canonical`` form (ties: the one seen first), as first written; None if no
+    completion has a usable answer."""
+    first: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for completion in completions:
+        answer = extract_answer(completion)
+        key = None if answer is None else task.canonical(answer)
+        if key is not None:
+            first.setdefault(key, answer)
+            counts[key] += 1
+    return first[max(first, key=counts.__getitem__)] if first else None  # max keeps the first of equal counts
+
+
+def _correct(task: Task, completion: str, fields: dict[str, Any]) -> bool:
+    answer = extract_answer(completion)
+    return answer is not None and task.verify(answer, **fields)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    *,
+    n: int = 200,
+    samples: int = 8,
+    template: str = "compact",
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    n_examples: int = 3,
+) -> EvalResult:
+    """Evaluate on the first ``n`` distinct test problems (the same set for every model and seed); ``samples`` = k
+    completions per problem for pass@1 sampled and maj@k (0: greedy only); ``seed`` seeds the sampling."""
+    require(isinstance(samples, int) and samples >= 0, "samples", samples, "expected an integer >= 0")
+    require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "expected an integer >= 1")
+    problems = task.problems("test", n, seed=0)
+    prompts = [render_prompt(template, p.question) for p in problems]
+
+    def run(repeat: int, **sampling: Any) -> list[str]:
+        flat = [p for p in prompts for _ in range(repeat)]
+        texts = []
+        for s in range(0, len(flat), batch_size):
+            _, ids, _ = complete(model, tokenizer, flat[s : s + batch_size], max_new_tokens, **sampling)
+            texts += [tokenizer.decode(c) for c in ids]
+        return texts
+
+    greedy = run(1, temperature=0.0)
+    right = [_correct(task, c, p.fields) for c, p in zip(greedy, problems, strict=True)]
+    result = EvalResult(
+        task.name,
+        n,
+        samples,
+        Estimate.of(sum(right) / n, n),
+        sum(format_ok(q, c) for q, c in zip(prompts, greedy, strict=True)) / n,
+        examples=[
+            {"question": p.question, "completion": c, "correct": ok}
+            for p, c, ok in list(zip(problems, greedy, right, strict=True))[:n_examples]
+        ],
+    )
+    if samples:
+        generator = torch.Generator().manual_seed(seed)
+        sampled = run(samples, temperature=temperature, top_p=top_p, generator=generator)
+        rate, majority = 0.0, 0
+        for j, p in enumerate(problems):
+            group = sampled[j * samples : (j + 1) * samples]
+            rate += sum(_correct(task, c, p.fields) for c in group) / samples
+            voted = majority_answer(task, group)
+            majority += voted is not None and task.verify(voted, **p.fields)
+        result.sampled, result.majority = Estimate.of(rate / n, n), Estimate.of(majority / n, n)
+    return result

@@ -1,0 +1,268 @@
+"""GRPO against DESIGN.md §5: advantages, each loss_type by hand, k3 KL, clipping, dynamic sampling, resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.data.tasks import make_task
+from nanoseek.data.tokenizer import ByteTokenizer
+from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, k3_kl, zero_variance_groups
+from nanoseek.rl.rollout import token_logprobs
+
+TINY = ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=64)
+LN2 = math.log(2)
+
+
+def ascii_share(prompts, completions, **_):
+    """A trivially learnable reward: the share of ASCII characters (about 1/2 for a random byte model)."""
+    return [sum(ch < "\x80" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def first_char_parity_unless_even_target(prompts, completions, target, **_):
+    """Constant reward for problems with an even target (zero-variance groups), varying otherwise."""
+    return [1.0 if t % 2 == 0 else float(ord(c[0]) % 2 if c else 0) for c, t in zip(completions, target, strict=True)]
+
+
+def trainer(seed=0, rewards=None, lr=1e-2, optimizer=torch.optim.AdamW, **cfg):
+    torch.manual_seed(seed)
+    model = Transformer(TINY)
+    opt = optimizer(model.parameters(), lr=lr)
+    cfg = GRPOConfig(**{"max_new_tokens": 8, "seed": seed, **cfg})
+    task = make_task("arithmetic", digits=1)
+    return GRPOTrainer(model, opt, ByteTokenizer(), task, cfg, rewards or {"ascii": (ascii_share, 1.0)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Advantages and KL
+
+
+def test_group_advantages_on_known_groups():
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [1.0, 2.0, 6.0], [0.7, 0.7, 0.7]], dtype=torch.float64)
+    adv = group_advantages(rewards, eps=1e-4)
+    # group 1: mean 1/3, std sqrt(2)/3 (divisor G); group 2: mean 3, std sqrt(14/3); group 3: all equal
+    std1, std2 = 2**0.5 / 3, (14 / 3) ** 0.5
+    torch.testing.assert_close(adv[0], torch.tensor([-1 / 3, 2 / 3, -1 / 3], dtype=torch.float64) / (std1 + 1e-4))
+    torch.testing.assert_close(adv[1], torch.tensor([-2.0, -1.0, 3.0], dtype=torch.float64) / (std2 + 1e-4))
+    assert adv[2].tolist() == [0.0] * 3  # exactly, although the float mean of three 0.7 is 0.7 + 1.1e-16
+    dr = group_advantages(rewards, scale=False)
+    torch.testing.assert_close(dr[1], torch.tensor([-2.0, -1.0, 3.0], dtype=torch.float64))
+    assert dr[2].tolist() == [0.0] * 3
+    assert torch.isfinite(group_advantages(torch.zeros(2, 8))).all()
+    assert zero_variance_groups(rewards).tolist() == [False, False, True]
+
+
+def test_k3_kl_is_nonnegative_zero_for_equal_policies_and_unbiased():
+    torch.manual_seed(0)
+    logits, ref_logits = torch.randn(5, 50, dtype=torch.float64), torch.randn(5, 50, dtype=torch.float64)
+    logp, ref = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = k3_kl(logp, ref)
+    assert (kl >= 0).all() and k3_kl(logp, logp).abs().max() == 0
+    # E_{x ~ π_θ}[k3(x)] = KL(π_θ || π_ref) exactly, so the per-token estimate is unbiased
+    exact = (logp.exp() * (logp - ref)).sum(-1)
+    torch.testing.assert_close((logp.exp() * kl).sum(-1), exact)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss on a hand-built batch: two completions of 3 and 2 tokens (the third token of the second is padding).
+# Ratios ρ = [[1, 1.5, 0.5], [1.1, 0.7, ·]]; advantages [+1, -2]; log(π_ref/π_θ) = [[0, ln2, -ln2], [-ln2, 0, ·]],
+# so k3 KL = [[0, 1 - ln2, ln2 - 0.5], [ln2 - 0.5, 0, ·]] (sums: 0.5 and ln2 - 0.5).
+# With ε = 0.2: completion 1 surrogates min(ρA, clip(ρ)A) = [1, 1.2 (clipped), 0.5] (sum 2.7);
+#               completion 2 = [-2.2, -1.6 (clipped: 0.8 · -2 < 0.7 · -2)] (sum -3.8).
+
+RATIOS = torch.tensor([[1.0, 1.5, 0.5], [1.1, 0.7, 1.0]], dtype=torch.float64)
+MASK = torch.tensor([[True, True, True], [True, True, False]])
+ADV = torch.tensor([1.0, -2.0], dtype=torch.float64)
+REF_SHIFT = torch.tensor([[0.0, LN2, -LN2], [-LN2, 0.0, 0.0]], dtype=torch.float64)
+KL2 = LN2 - 0.5  # KL sum of completion 2; completion 1 sums to 0.5
+CASES = [
+    # loss_type, eps_low, eps_high, beta, expected loss (-J), hand-derived
+    ("grpo", 0.2, 0.2, 0.0, -(2.7 / 3 + -3.8 / 2) / 2),
+    ("grpo", 0.2, 0.2, 0.1, -((2.7 - 0.1 * 0.5) / 3 + (-3.8 - 0.1 * KL2) / 2) / 2),
+    ("dr_grpo", 0.2, 0.2, 0.1, -((2.7 - 0.1 * 0.5) + (-3.8 - 0.1 * KL2)) / (2 * 3)),  # / (N · max_tokens)
+    ("dapo", 0.2, 0.28, 0.1, -((1 + 1.28 + 0.5 - 0.1 * 0.5) + (-3.8 - 0.1 * KL2)) / 5),  # clip-higher: 1.28
+    # sequence ratios s = (1 · 1.5 · 0.5)^(1/3) ≈ 0.909 (inside [0.9, 1.1]) and (1.1 · 0.7)^(1/2) ≈ 0.877 (clipped)
+    ("gspo", 0.1, 0.1, 0.1, -((0.75 ** (1 / 3) - 0.1 * 0.5 / 3) + (0.9 * -2 - 0.1 * KL2 / 2)) / 2),
+]
+
+
+@pytest.mark.parametrize("loss_type, eps_low, eps_high, beta, expected", CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
+def test_loss_of_each_type_on_a_hand_built_batch(loss_type, eps_low, eps_high, beta, expected):
+    old = torch.full((2, 3), -1.3, dtype=torch.float64)
+    logp = old + RATIOS.log()
+    loss, stats = grpo_loss(
+        logp,
+        old,
+        ADV,
+        MASK,
+        loss_type=loss_type,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        ref_logp=logp + REF_SHIFT,
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # clipped: completion 1 token 2 and completion 2 token 2 (per token); all of completion 2 (gspo): 2 of 5 tokens
+    assert stats["clip_fraction"].item() == pytest.approx(0.4)
+    assert stats["kl"].item() == pytest.approx((0.5 + KL2) / 5 if beta else 0.0)
+
+
+def test_gradient_flows_only_where_the_ratio_stays_in_the_band_or_the_clip_does_not_bind():
+    logp = RATIOS.log().clone().requires_grad_(True)
+    grpo_loss(logp, torch.zeros(2, 3, dtype=torch.float64), ADV, MASK, loss_type="grpo")[0].backward()
+    # d(-J)/d log π = -ρ·A / (|o_i| · N) where the unclipped term is the minimum, 0 where the clip binds or padding
+    expected = torch.tensor([[-1 / 6, 0.0, -0.5 / 6], [1.1 * 2 / 4, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_loss_rejects_bad_loss_type_and_kl_without_reference():
+    z = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="loss_type='ppo' is invalid"):
+        grpo_loss(z, z, torch.zeros(1), z.bool(), loss_type="ppo")
+    with pytest.raises(ValueError, match="beta=0.1 is invalid without ref_logp"):
+        grpo_loss(z, z, torch.zeros(1), z.bool(), beta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probabilities, sampling, updates
+
+
+def test_chunked_log_probs_of_the_right_padded_batch_equal_each_row_alone_with_gradients():
+    torch.manual_seed(0)
+    model = Transformer(TINY).double()
+    prompts, completions = [5, 8, 3], [6, 4, 7]  # lengths: rows of 11, 12 and 10 tokens, right-padded to 12
+    ids = torch.randint(0, 256, (3, 12))
+    starts = torch.tensor(prompts)
+    expected, entropies = [], []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        logp = torch.log_softmax(model(ids[i : i + 1, : p + c])[0, p - 1 : -1] / 0.7, -1)  # (c, V)
+        expected.append(logp.gather(-1, ids[i, p : p + c, None])[:, 0])
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    grads = torch.autograd.grad(sum(e.sum() for e in expected), list(model.parameters()))
+    for chunk in (1, 5, 64):
+        logp, entropy = token_logprobs(model, ids, starts, 7, temperature=0.7, chunk_size=chunk)
+        assert logp.shape == (3, 7)
+        for i, c in enumerate(completions):
+            torch.testing.assert_close(logp[i, :c], expected[i])
+            torch.testing.assert_close(entropy[i, :c], entropies[i])
+        mask = torch.arange(7) < torch.tensor(completions)[:, None]
+        got = torch.autograd.grad((logp * mask).sum(), list(model.parameters()))
+        for g, h in zip(got, grads, strict=True):
+            torch.testing.assert_close(g, h)
+
+
+def test_dynamic_sampling_drops_exactly_the_zero_variance_groups():
+    t = trainer(
+        rewards={"r": (first_char_parity_unless_even_target, 1.0)},
+        dynamic_sampling=True,
+        prompts_per_step=4,
+        max_refill_rounds=5,
+    )
+    sampled, kept = t.collect()
+    informative = [
+        (r.prompts[g * 8], r.group_rewards()[g].tolist())
+        for r in sampled
+        for g in range(r.n_groups)
+        if len(set(r.group_rewards()[g].tolist())) > 1
+    ]
+    got = [(r.prompts[g * 8], r.group_rewards()[g].tolist()) for r in kept for g in range(r.n_groups)]
+    assert got == informative[:4]
+    assert all(target % 2 == 1 for r in kept for target in r.fields["target"])
+    # refilling stops with the round that fills the batch
+    per_round = [int((~zero_variance_groups(r.group_rewards())).sum()) for r in sampled]
+    assert sum(per_round[:-1]) < 4 <= sum(per_round)
+    metrics = t.step()
+    assert metrics["groups_kept"] == 4 and 0 < metrics["zero_variance_frac"] < 1
+
+
+def test_without_dynamic_sampling_zero_variance_groups_are_kept_with_zero_advantage():
+    t = trainer(
+        optimizer=torch.optim.SGD, rewards={"r": (lambda prompts, completions, **_: [1.0] * len(completions), 1.0)}
+    )
+    before = [p.detach().clone() for p in t.model.parameters()]
+    metrics = t.step()
+    assert metrics["zero_variance_frac"] == 1.0 and metrics["groups_kept"] == 4
+    assert metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_micro_batches_give_the_same_update_as_the_whole_batch(loss_type):
+    runs = []
+    for micro in (0, 3):
+        t = trainer(optimizer=torch.optim.SGD, lr=0.5, loss_type=loss_type, micro_batch_size=micro, beta=0.05)
+        sampled, kept = t.collect()
+        metrics = t.update(kept[0])
+        runs.append(([p.detach().clone() for p in t.model.parameters()], metrics))
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "kl", "entropy", "clip_fraction"):
+        assert runs[0][1][key] == pytest.approx(runs[1][1][key], rel=1e-4, abs=1e-7)
+
+
+def test_mu_updates_are_against_a_fixed_old_policy():
+    one = trainer(mu=1, lr=5e-2).step()
+    three = trainer(mu=3, lr=5e-2).step()
+    assert one["clip_fraction"] == 0.0  # the only update is at ratio 1
+    assert three["clip_fraction"] > 0.0  # later updates see ratios to the *old* policy move and get clipped
+
+
+def test_reference_exists_only_with_beta_and_is_reset_every_n_steps():
+    assert trainer(beta=0.0).reference is None and "kl" not in trainer(beta=0.0).step()
+    t = trainer(beta=0.1, ref_reset_every=2)
+    m1 = t.step()
+    assert m1["kl"] == 0.0  # the first batch is scored before any update: policy = reference
+    assert t.step()["kl"] > 0.0
+    for a, b in zip(t.reference.parameters(), t.model.parameters(), strict=True):
+        assert torch.equal(a, b) and not a.requires_grad  # reset after step 2
+    assert t.step()["kl"] == 0.0
+
+
+def test_exact_resume_from_state_dicts():
+    cfg = dict(beta=0.1, dynamic_sampling=True, mu=2, loss_type="dapo")
+    a = trainer(**cfg)
+    for _ in range(2):
+        a.step()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    saved = (copy.deepcopy(a.model.state_dict()), copy.deepcopy(a.optimizer.state_dict()), state)
+    expected = a.step()
+    b = trainer(**cfg)
+    b.generator.manual_seed(123)  # a fresh trainer whose weights, optimizer and RNG must all come from the state
+    b.model.load_state_dict(saved[0])
+    b.optimizer.load_state_dict(saved[1])
+    b.load_state_dict(saved[2])
+    got = b.step()
+    timing = ("gen_tokens_per_s", "train_tokens_per_s")
+    assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():
+    t = trainer(lr=1e-2, loss_type="dapo", mu=2)
+    rewards = [t.step()["reward_mean"] for _ in range(20)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert first < 0.65 and last > first + 0.2, rewards
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(group_size=1), "group_size"),
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(beta=-0.1), "beta"),
+        (dict(mu=0), "mu"),
+        (dict(template="no placeholder"), "template"),
+        (dict(overlong_buffer=100, max_new_tokens=64), "overlong_buffer"),
+        (dict(epsilon_low=1.0), "epsilon_low"),
+        (dict(stop="</answer>"), "stop"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"{field}=.* is invalid"):
+        GRPOConfig(**kwargs)
