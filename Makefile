@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # brings their own torch and it is kept.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test lint format bench demo train-demo clean
+.PHONY: venv test lint format bench demo train-demo reason-demo clean
 
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -41,3 +41,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
+
+# Reasoning by RL at laptop scale: SFT cold start, evaluate, GRPO vs an extra-SFT control, evaluate, 3 seeds.
+reason-demo: venv
+	OMP_NUM_THREADS=1 $(PY) -m nanoseek.rl.demo --out runs/reason-demo-$(shell date +%Y%m%d-%H%M%S)

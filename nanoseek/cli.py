@@ -92,6 +92,75 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_config(args: argparse.Namespace, kind: str):
+    """Config of an sft / grpo run: on --resume the checkpoint's (plus --set); else preset and --config files, then
+    --task and --set, with the [model] and [data] of --init's checkpoint, which the weights must match."""
+    from nanoseek.config import load_run_config
+    from nanoseek.train.checkpoint import load_checkpoint
+
+    overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
+    if args.resume:
+        if args.preset or args.config or args.init:
+            raise ValueError("--resume takes its config and weights from --out; pass only --set overrides with it")
+        return load_checkpoint(args.out, overrides)[1]
+    if args.init is None:
+        return load_run_config(_config_files(args, kind), overrides)
+    if any(o.strip().startswith(("model.", "data.")) for o in args.set):
+        raise ValueError("--set model.* / data.* cannot change a model loaded with --init")
+    _, init_cfg, _, _ = load_checkpoint(args.init)
+    base = {k: v for k, v in init_cfg.to_dict().items() if k not in ("model", "data")}
+    cfg = load_run_config(_config_files(args, kind), overrides, base=base)
+    cfg.model, cfg.data = init_cfg.model, init_cfg.data
+    return cfg
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from nanoseek.rl.run import run_sft
+
+    cfg = _stage_config(args, "sft")
+    print(json.dumps(run_sft(cfg, args.out, init=args.init, resume=args.resume, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from nanoseek.rl.run import run_grpo
+
+    cfg = _stage_config(args, "grpo")
+    print(json.dumps(run_grpo(cfg, args.out, init=args.init, resume=args.resume, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from nanoseek.config import load_run_config
+    from nanoseek.rl.run import run_eval
+    from nanoseek.train.checkpoint import load_checkpoint
+
+    task = None
+    if args.task or args.set:
+        _, cfg, _, _ = load_checkpoint(args.ckpt)
+        base = {"task": asdict(cfg.task)} if cfg.task is not None and not args.task else {}
+        overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
+        if any(not o.strip().startswith("task.") for o in args.set):
+            raise ValueError("eval takes only --set task.KEY=VALUE overrides")
+        task = load_run_config([], overrides, base=base).task
+    result = run_eval(args.ckpt, task=task, n=args.n, samples=args.samples, seed=args.seed)
+    if args.json:
+        print(json.dumps({"task": result.task, "n": result.n, "samples": result.samples, **result.metrics()}))
+    else:
+        print(result.report())
+    return 0
+
+
+def _add_stage_args(p: argparse.ArgumentParser, kind: str) -> None:
+    add_config_args(p, kind)
+    p.add_argument("--task", help="task name (arithmetic, countdown, gsm); options via --set task.KEY=VALUE")
+    p.add_argument("--out", required=True, help="run folder for metrics.jsonl, summary.json and ckpt-*")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint of --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
@@ -131,6 +200,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "sft",
+        help="supervised cold start on a reasoning task",
+        description="Supervised fine-tuning on a task's train split (prompt + ideal think/answer completion, loss on "
+        "the completion only), from --init CKPT or from scratch (a fresh model from [model]). Steps, batch and lr "
+        "schedule come from [train], the task from [task] / --task, the template from [grpo].",
+        epilog="examples:\n  nanoseek sft --preset demo --out runs/sft\n"
+        "  nanoseek sft --init runs/pretrained --task arithmetic --set train.steps=500 --out runs/sft",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_stage_args(p, "sft")
+    p.add_argument("--init", help="start from this checkpoint (or run folder) instead of a fresh model")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser(
+        "grpo",
+        help="reinforcement learning with GRPO and its variants",
+        description="GRPO (DESIGN.md §5) from --init CKPT: per step, sample [grpo].group_size completions for each of "
+        "prompts_per_step training problems, reward them by rule, update. train.steps steps at constant train.lr. "
+        "Per-step metrics in metrics.jsonl: reward mean/std, accuracy, format rate, completion length, KL, clip "
+        "fraction, zero-variance fraction, entropy, generation and training tokens/s.",
+        epilog="examples:\n  nanoseek grpo --init runs/sft --preset demo --out runs/grpo\n"
+        "  nanoseek grpo --init runs/sft --task arithmetic --set grpo.loss_type=dapo --set grpo.epsilon_high=0.28 "
+        "--out runs/dapo\n  nanoseek grpo --resume --out runs/grpo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_stage_args(p, "grpo")
+    p.add_argument("--init", help="the checkpoint (or run folder) to start from, e.g. an SFT run")
+    p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy of a checkpoint on a task's test split",
+        description="pass@1 greedy, pass@1 sampled and maj@k on the first --n test problems, with 95%% Wilson "
+        "intervals, and a few example completions. Task, template and token budget default to the checkpoint's.",
+    )
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--task", help="task name (default: the checkpoint's [task])")
+    p.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE", help="task option override")
+    p.add_argument("--n", type=int, default=200, help="test problems (default 200)")
+    p.add_argument("--samples", type=int, default=4, help="k samples per problem for pass@1 sampled and maj@k")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="machine, versions and corpus statistics")
     p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")

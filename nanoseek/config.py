@@ -7,6 +7,7 @@ before any work is done rather than deep inside a tensor op.
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -313,25 +314,37 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs: the sections [model], [data] and [train] of a TOML file."""
+    """Everything a run needs: the sections [model], [data] and [train] of a TOML file, and for the reasoning
+    stages the optional [task] (nanoseek.data.tasks.TaskConfig) and [grpo] (nanoseek.rl.grpo.GRPOConfig). An
+    optional section is None when the file has none, so a pretraining checkpoint's config stays what it was."""
 
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    task: Any = None
+    grpo: Any = None
 
     SECTIONS: ClassVar[dict[str, type]] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+    # module and class of each optional section, imported on first use (those modules import this one)
+    OPTIONAL: ClassVar[dict[str, tuple[str, str]]] = {
+        "task": ("nanoseek.data.tasks", "TaskConfig"),
+        "grpo": ("nanoseek.rl.grpo", "GRPOConfig"),
+    }
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: asdict(getattr(self, name)) for name in self.SECTIONS}
+        names = [*self.SECTIONS, *(k for k in self.OPTIONAL if getattr(self, k) is not None)]
+        return {name: asdict(getattr(self, name)) for name in names}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
         """Build and validate; unknown sections or keys and values of the wrong type are errors naming them."""
-        unknown = set(raw) - set(cls.SECTIONS)
+        unknown = set(raw) - set(cls.SECTIONS) - set(cls.OPTIONAL)
         if unknown:
-            raise ValueError(f"{where}: unknown section [{sorted(unknown)[0]}]; allowed: {', '.join(cls.SECTIONS)}")
+            allowed = ", ".join([*cls.SECTIONS, *cls.OPTIONAL])
+            raise ValueError(f"{where}: unknown section [{sorted(unknown)[0]}]; allowed: {allowed}")
+        optional = {k: getattr(importlib.import_module(m), c) for k, (m, c) in cls.OPTIONAL.items() if k in raw}
         parts = {}
-        for name, section_cls in cls.SECTIONS.items():
+        for name, section_cls in {**cls.SECTIONS, **optional}.items():
             values = raw.get(name, {})
             if not isinstance(values, dict):
                 raise ValueError(f"{where}: [{name}] must be a table of key = value pairs")
@@ -350,6 +363,10 @@ def _typed(section_cls: type, section: str, key: str, value: Any, where: str) ->
         close = difflib.get_close_matches(key, kinds, n=1)
         hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         raise ValueError(f"{where}: unknown key {section}.{key}{hint}; allowed: {', '.join(kinds)}")
+    if kinds[key] == "tuple[str, ...]":  # a TOML array of strings
+        if not (isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)):
+            raise ValueError(f"{where}: {section}.{key}={value!r} has the wrong type: expected a list of strings")
+        return tuple(value)
     kind = {"int": int, "float": float, "bool": bool, "str": str}[kinds[key]]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

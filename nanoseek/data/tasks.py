@@ -27,11 +27,12 @@ Add a task in a few lines::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import random
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -114,6 +115,36 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
         return cls
 
     return add
+
+
+@dataclass
+class TaskConfig:
+    """The [task] section of a run config: which task and its options (the prompt template is grpo.template).
+    Each task reads only the options its constructor takes (arithmetic: digits, operators, n_operands; countdown:
+    n_numbers, max_number, max_target); the others are ignored."""
+
+    name: str = "arithmetic"
+    """A registered task: arithmetic, countdown, gsm, or one added with @register_task."""
+    digits: int = 1
+    """arithmetic: operands are in [0, 10**digits)."""
+    operators: str = "+-"
+    """arithmetic: the operators drawn from (characters of + - * /)."""
+    n_operands: int = 3
+    """arithmetic: operands per expression."""
+    n_numbers: int = 3
+    """countdown: numbers given."""
+    max_number: int = 20
+    """countdown: largest number given."""
+    max_target: int = 100
+    """countdown: largest target."""
+
+    def __post_init__(self) -> None:
+        self.build()  # validates the name and the options the task uses
+
+    def build(self) -> Task:
+        require(self.name in TASKS, "name", self.name, f"expected one of {', '.join(sorted(TASKS))}")
+        accepted = inspect.signature(TASKS[self.name]).parameters
+        return make_task(self.name, **{k: v for k, v in asdict(self).items() if k in accepted})
 
 
 def make_task(name: str, **options: Any) -> Task:

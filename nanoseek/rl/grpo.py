@@ -157,6 +157,8 @@ class GRPOConfig:
     """DAPO's soft overlong punishment over the last N tokens before max_new_tokens (0: off)."""
     overlong_weight: float = 1.0
     """Weight of the overlong punishment in the total reward."""
+    format_weight: float = 0.1
+    """Weight of the format reward next to accuracy (weight 1) in the default rewards; 0 = accuracy only."""
     adv_eps: float = 1e-4
     """ε added to the group's reward std in the advantage."""
     max_grad_norm: float = 1.0
@@ -187,7 +189,7 @@ class GRPOConfig:
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         require(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "expected a number in [0, 1)")
         require(self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, "expected a number >= 0")
-        for name in ("beta", "overlong_weight", "max_grad_norm"):
+        for name in ("beta", "overlong_weight", "max_grad_norm", "format_weight"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "expected a number >= 0")
         require(self.adv_eps > 0, "adv_eps", self.adv_eps, "expected a positive number")
         require(
@@ -200,8 +202,8 @@ class GRPOConfig:
 
 class GRPOTrainer:
     """Runs GRPO one step at a time on ``model`` with ``optimizer``; ``rewards`` maps a name to (function, weight)
-    (default: accuracy 1 + format 0.1). ``step()`` returns the step's metrics; ``state_dict()`` holds everything
-    besides the model and optimizer that an exact resume needs, as tensors."""
+    (default: accuracy 1 + format cfg.format_weight). ``step()`` returns the step's metrics; ``state_dict()`` holds
+    everything besides the model and optimizer that an exact resume needs, as tensors."""
 
     def __init__(
         self,
@@ -214,6 +216,8 @@ class GRPOTrainer:
     ):
         self.model, self.optimizer, self.tokenizer, self.task, self.cfg = model, optimizer, tokenizer, task, cfg
         self.rewards = dict(rewards if rewards is not None else default_rewards(task))
+        if rewards is None:
+            self.rewards["format"] = (self.rewards["format"][0], cfg.format_weight)
         if cfg.overlong_buffer:
             self.rewards["overlong"] = (overlong_reward(cfg.max_new_tokens, cfg.overlong_buffer), cfg.overlong_weight)
         self.reference = copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
