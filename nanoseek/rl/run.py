@@ -24,7 +24,7 @@ from nanoseek.data.tokenizer import ByteTokenizer, load_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.rl.evaluate import EvalResult, evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
-from nanoseek.rl.rewards import render_prompt
+from nanoseek.rl.rewards import render_prompt, render_target
 from nanoseek.rl.sft import sft_batch, sft_step, task_examples
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
@@ -45,13 +45,16 @@ def task_of(cfg: RunConfig) -> Task:
     return cfg.task.build()
 
 
-def check_task_fits(cfg: RunConfig, tokenizer: Any, task: Task, max_new_tokens: int, n: int = 200) -> None:
+def check_task_fits(
+    cfg: RunConfig, tokenizer: Any, task: Task, max_new_tokens: int, *, targets: bool = False, n: int = 50
+) -> None:
     """Fail before any work if the model cannot read the task: prompts the tokenizer does not reproduce exactly,
-    or a prompt plus max_new_tokens longer than the model's seq_len. Checks the first n problems of each split."""
+    or a prompt plus max_new_tokens (or, for SFT, plus its ideal completion) longer than the model's seq_len.
+    Checks the first n problems of each split."""
     template, seq_len = grpo_section(cfg).template, cfg.model.seq_len
     longest = 0
     for split in ("train", "test"):
-        for p in task.problems(split, min(n, 50), seed=0):
+        for p in task.problems(split, n, seed=0):
             prompt = render_prompt(template, p.question)
             ids = tokenizer.encode(prompt)
             if tokenizer.decode(ids) != prompt:
@@ -60,10 +63,12 @@ def check_task_fits(cfg: RunConfig, tokenizer: Any, task: Task, max_new_tokens: 
                 )
             if max(ids, default=0) >= cfg.model.vocab_size:
                 raise ValueError(f"task {task.name!r}: token ids exceed model.vocab_size={cfg.model.vocab_size}")
-            longest = max(longest, len(ids))
+            extra = len(tokenizer.encode(render_target(prompt, p.reasoning, p.answer))) if targets else 0
+            longest = max(longest, len(ids) + extra)
+    what = "prompts and ideal completions" if targets else "prompts"
     if longest + max_new_tokens > seq_len:
         raise ValueError(
-            f"model.seq_len={seq_len} is too short for task {task.name!r}: its prompts take up to {longest} tokens "
+            f"model.seq_len={seq_len} is too short for task {task.name!r}: its {what} take up to {longest} tokens "
             f"and grpo.max_new_tokens={max_new_tokens} more are generated (need {longest + max_new_tokens})"
         )
 
@@ -166,7 +171,7 @@ def run_sft(
     task = task_of(cfg)
     model, tokenizer = start_model(cfg, out if resume else init)
     grpo = grpo_section(cfg)
-    check_task_fits(cfg, tokenizer, task, 0)
+    check_task_fits(cfg, tokenizer, task, 0, targets=True)
     (optimizer,) = build_optimizers(model, replace(cfg.train, optimizer="adamw"))
     if state:
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,102 @@
+"""`nanoseek sft`, `nanoseek grpo` and `nanoseek eval`: help, bad input, end to end, exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.rl.run import TIMING_KEYS
+from nanoseek.train.checkpoint import load_checkpoint
+
+# a tiny byte-level model on the demo's task: seconds per run
+TINY_MODEL = ["--set", "model.d_model=32", "--set", "model.n_layers=1"]
+SFT = ["sft", "--preset", "demo", *TINY_MODEL, "--set", "train.steps=6", "--set", "train.warmup_steps=1",
+       "--set", "train.batch_size=8", "--no-progress"]  # fmt: skip
+GRPO_SETS = ["--set", "grpo.group_size=4", "--set", "grpo.prompts_per_step=2", "--set", "grpo.max_new_tokens=16",
+             "--set", "grpo.beta=0.05", "--set", "grpo.format_weight=0.1"]  # fmt: skip
+
+
+def grpo(init, out, steps, *extra):
+    args = ["grpo", "--preset", "demo", "--init", str(init), "--out", str(out), *GRPO_SETS]
+    return main([*args, "--set", f"train.steps={steps}", "--no-progress", *extra])
+
+
+def records(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    assert main([*SFT, "--out", str(out)]) == 0
+    return out
+
+
+def test_help_explains_the_reasoning_subcommands(capsys):
+    for command in ("sft", "grpo", "eval"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--init" in out and "--task" in out and "--samples" in out and "--json" in out
+    assert "grpo.loss_type=dapo" in out and "zero-variance fraction" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "sudoku"], "[task] name='sudoku' is invalid: expected one of arithmetic, countdown, gsm"),
+        (["--set", "task.digits=0"], "[task] digits=0 is invalid: expected an integer in [1, 9]"),
+        (["--set", "grpo.loss_type=ppo"], "[grpo] loss_type='ppo' is invalid"),
+        (["--set", "model.seq_len=40"], "model.seq_len=40 is too short for task 'arithmetic'"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, capsys, args, message):
+    assert main([*SFT, "--out", str(tmp_path / "run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_grpo_needs_a_start_and_a_context_that_fits(sft_run, tmp_path, capsys):
+    assert main(["grpo", "--preset", "demo", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert "--init is required" in capsys.readouterr().err
+    # the SFT model has seq_len 64: a 16-token prompt leaves no room for 60 new tokens
+    assert grpo(sft_run, tmp_path / "b", 2, "--set", "grpo.max_new_tokens=60") == 2
+    assert "and grpo.max_new_tokens=60 more are generated" in capsys.readouterr().err
+    assert main(["grpo", "--resume", "--out", str(sft_run)]) == 2
+    assert "holds a 'sft' run, not 'grpo'" in capsys.readouterr().err
+
+
+def test_sft_then_grpo_then_eval_end_to_end(sft_run, tmp_path, capsys):
+    sft_metrics = records(sft_run)
+    assert [r["step"] for r in sft_metrics] == [1, 2, 3, 4, 5, 6]
+    assert sft_metrics[-1]["loss"] < sft_metrics[0]["loss"]
+    assert grpo(sft_run, tmp_path / "grpo", 2) == 0
+    last = records(tmp_path / "grpo")[-1]
+    for key in ("reward_mean", "reward_std", "reward_accuracy", "reward_format", "completion_len", "kl",
+                "clip_fraction", "zero_variance_frac", "entropy"):  # fmt: skip
+        assert key in last
+    assert last["groups_sampled"] == 2 and last["step"] == 2
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(tmp_path / "grpo"), "--n", "6", "--samples", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "arithmetic" and result["n"] == 6 and result["samples"] == 2
+    assert 0 <= result["pass1_greedy_low"] <= result["pass1_greedy"] <= result["pass1_greedy_high"] <= 1
+    assert main(["eval", "--ckpt", str(tmp_path / "grpo"), "--n", "4", "--samples", "0"]) == 0
+    assert "pass@1 greedy" in capsys.readouterr().out
+
+
+def test_grpo_resume_is_exact_and_round_trips_its_state(sft_run, tmp_path):
+    assert grpo(sft_run, tmp_path / "straight", 4) == 0
+    assert grpo(sft_run, tmp_path / "split", 2) == 0
+    _, _, _, state = load_checkpoint(tmp_path / "split")
+    assert state["stage"] == "grpo" and state["step"] == 2
+    assert int(state["grpo"]["steps_done"]) == 2 and int(state["grpo"]["problem_index"]) == 4  # 2 steps × 2 prompts
+    assert any(k.startswith("reference.") for k in state["grpo"])  # β > 0 keeps the reference weights
+    assert main(["grpo", "--resume", "--out", str(tmp_path / "split"), "--set", "train.steps=4", "--no-progress"]) == 0
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+    _, _, a, _ = load_checkpoint(tmp_path / "split")
+    _, _, b, _ = load_checkpoint(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
