@@ -69,6 +69,17 @@ def test_grpo_needs_a_start_and_a_context_that_fits(sft_run, tmp_path, capsys):
     assert "holds a 'sft' run, not 'grpo'" in capsys.readouterr().err
 
 
+def test_a_pretrained_checkpoint_is_checked_against_the_task(tmp_path, capsys):
+    pre = ["train", "--preset", "tiny", "--set", "train.steps=1", "--set", "train.warmup_steps=1", "--no-progress"]
+    assert main([*pre, "--out", str(tmp_path / "pre")]) == 0
+    capsys.readouterr()
+    # no [task] or [grpo] in a pretraining checkpoint: the task comes from --task, GRPO's defaults (64 new tokens)
+    assert main(["grpo", "--init", str(tmp_path / "pre"), "--task", "arithmetic", "--out", str(tmp_path / "g")]) == 2
+    assert "model.seq_len=32 is too short for task 'arithmetic'" in capsys.readouterr().err
+    assert main(["eval", "--ckpt", str(tmp_path / "pre")]) == 2
+    assert "no task: pass --task NAME" in capsys.readouterr().err
+
+
 def test_sft_then_grpo_then_eval_end_to_end(sft_run, tmp_path, capsys):
     sft_metrics = records(sft_run)
     assert [r["step"] for r in sft_metrics] == [1, 2, 3, 4, 5, 6]

@@ -198,6 +198,7 @@ def run_grpo(
     state = _resume_state(out, resume, "grpo")
     if init is None and not resume:
         raise ValueError("--init is required: GRPO starts from a checkpoint (e.g. an SFT run folder)")
+    cfg.grpo = grpo_section(cfg)  # a pretraining checkpoint has no [grpo]: its defaults
     task = task_of(cfg)
     model, tokenizer = start_model(cfg, out if resume else init)
     check_task_fits(cfg, tokenizer, task, cfg.grpo.max_new_tokens)
