@@ -28,7 +28,7 @@ from nanoseek.rl.rewards import render_prompt, render_target
 from nanoseek.rl.sft import sft_batch, sft_step, task_examples
 from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
-from nanoseek.train.trainer import _deferred_interrupt
+from nanoseek.train.trainer import deferred_interrupt
 
 # keys of a step record that measure the machine, not the run (they differ between identical runs)
 TIMING_KEYS = ("gen_tokens_per_s", "train_tokens_per_s", "seconds", "cpu_seconds")
@@ -132,7 +132,7 @@ def _loop(cfg, out, model, tokenizer, state, stage, step_fn, state_fn, postfix, 
     bar = tqdm(total=t.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True, mininterval=0.5)
     wall, cpu, stop_reason = time.perf_counter(), time.process_time(), "steps"
     model.train()
-    with _deferred_interrupt() as interrupted:
+    with deferred_interrupt() as interrupted:
         while step < t.steps:
             t0, c0 = time.perf_counter(), time.process_time()
             record = {**step_fn(step), "step": step + 1}

@@ -221,7 +221,7 @@ class Trainer:
         )  # fmt: skip
         loss, val_loss, first, stop_reason = None, None, True, None
         self.model.train()
-        with _deferred_interrupt() as interrupted:
+        with deferred_interrupt() as interrupted:
             while self.step < last and stop_reason is None:
                 lr = set_lr(self.optimizers, lr_factor(self.step, t))
                 t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def _log(message: str) -> None:
 
 
 @contextmanager
-def _deferred_interrupt():
+def deferred_interrupt():
     """Turn the first SIGINT into a flag checked between steps, so a checkpoint is never taken mid-update."""
     hit = []
     if threading.current_thread() is not threading.main_thread():
