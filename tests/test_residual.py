@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model import residual
 from nanoseek.model.residual import (
     HyperConnection,
     ManifoldHyperConnection,
@@ -207,3 +208,20 @@ def test_mixing_keeps_the_stream_dtype_and_computes_in_float32():
     exact = h_res @ xb.float() + h.unsqueeze(-1) * yb.float().unsqueeze(-2)
     torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=0)  # within one bf16 rounding
     assert read_streams(xb, h, torch.ones(5), 1e-6).dtype == torch.float32
+
+
+def test_sinkhorn_operator_registration_is_consistent_for_torch_compile():
+    """The fake (shape-only) implementations and the autograd registration match the real kernels."""
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    fast = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(residual._sinkhorn_op, (logits, 5), test_utils=fast)
+    torch.library.opcheck(residual._sinkhorn_backward_op, (grad, logits.detach(), 5), test_utils=fast[:2])
+
+
+def test_channel_dot_products_agree_in_the_eager_and_compiled_forms(monkeypatch):
+    a, b = torch.randn(2, 3, 4, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    eager = residual._dot_over_channels(a, b)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(residual._dot_over_channels(a, b), eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eager, torch.einsum("...ic,...jc->...ij", a, b), rtol=1e-12, atol=1e-12)

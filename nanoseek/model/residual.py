@@ -63,42 +63,65 @@ def _sinkhorn_in_place(m: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, lis
     return m, dens
 
 
-class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp whose forward keeps only its input. Backward reruns the forward keeping only the
-    denominators, then walks the steps in reverse: step k was y = m / d_k (d_k = Σ_dim m + tiny), so
-    dL/dm = (g - Σ_dim g·y) / d_k, and the step's input is recovered in place as m = y · d_k. The gradient equals
-    unrolled autograd up to the rounding of those 2·t_max multiplications (≈ 1e-14 relative in float64)."""
+# Sinkhorn is an opaque operator (torch.library.custom_op) rather than an autograd.Function: traced by torch.compile,
+# its 2·t_max dependent reductions compile slowly (tens of seconds per site) into code slower than this eager loop.
 
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, n_iters: int) -> torch.Tensor:
-        ctx.n_iters = n_iters
-        ctx.save_for_backward(logits)
-        m, _ = _sinkhorn_in_place(_tokens_last(logits), n_iters)
-        return m.permute(2, 0, 1).reshape(logits.shape)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        m, dens = _sinkhorn_in_place(_tokens_last(logits), ctx.n_iters)
-        grad = _tokens_last(grad)
-        gy = torch.empty_like(m)
-        for k in range(len(dens) - 1, -1, -1):
-            dim = k % 2  # 0: column step, 1: row step
-            torch.mul(grad, m, out=gy)
-            grad.sub_(gy.sum(dim=dim, keepdim=True)).div_(dens[k])
-            m.mul_(dens[k])
-        # m is now M_0 = exp(L - max): the max shift cancels in the first normalisation, so it carries no gradient.
-        return (grad * m).permute(2, 0, 1).reshape(logits.shape), None
+@torch.library.custom_op("nanoseek::sinkhorn", mutates_args=())
+def _sinkhorn_op(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    m, _ = _sinkhorn_in_place(_tokens_last(logits), n_iters)
+    return m.permute(2, 0, 1).reshape(logits.shape).contiguous()
+
+
+@torch.library.custom_op("nanoseek::sinkhorn_backward", mutates_args=())
+def _sinkhorn_backward_op(grad: torch.Tensor, logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """Backward reruns the forward keeping only the denominators, then walks the steps in reverse: step k was
+    y = m / d_k (d_k = Σ_dim m + tiny), so dL/dm = (g - Σ_dim g·y) / d_k, and the step's input is recovered in
+    place as m = y · d_k. The gradient equals unrolled autograd up to the rounding of those 2·t_max
+    multiplications (≈ 1e-14 relative in float64), without storing any iterate."""
+    m, dens = _sinkhorn_in_place(_tokens_last(logits), n_iters)
+    grad = _tokens_last(grad)
+    gy = torch.empty_like(m)
+    for k in range(len(dens) - 1, -1, -1):
+        dim = k % 2  # 0: column step, 1: row step
+        torch.mul(grad, m, out=gy)
+        grad.sub_(gy.sum(dim=dim, keepdim=True)).div_(dens[k])
+        m.mul_(dens[k])
+    # m is now M_0 = exp(L - max): the max shift cancels in the first normalisation, so it carries no gradient.
+    return (grad * m).permute(2, 0, 1).reshape(logits.shape).contiguous()
+
+
+@_sinkhorn_op.register_fake
+def _(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    return logits.new_empty(logits.shape)
+
+
+@_sinkhorn_backward_op.register_fake
+def _(grad: torch.Tensor, logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    return logits.new_empty(logits.shape)
+
+
+def _sinkhorn_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    logits, ctx.n_iters = inputs
+    ctx.save_for_backward(logits)  # the forward keeps only its input
+
+
+def _sinkhorn_grad(ctx, grad: torch.Tensor):
+    (logits,) = ctx.saved_tensors
+    return _sinkhorn_backward_op(grad, logits, ctx.n_iters), None
+
+
+_sinkhorn_op.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
 
 
 def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
     """Project logits (..., n, n) onto (approximately) doubly stochastic matrices by Sinkhorn-Knopp.
 
     exp(logits), then ``n_iters`` rounds of column then row normalisation. Rows sum to 1 exactly; columns
-    approximately. Memory-light backward (see ``_Sinkhorn``)."""
+    approximately. Memory-light backward (see ``_sinkhorn_backward_op``)."""
     if n_iters < 1:
         raise ValueError(f"n_iters={n_iters!r} is invalid: expected an integer >= 1")
-    return _Sinkhorn.apply(logits, n_iters)
+    return _sinkhorn_op(logits, n_iters)
 
 
 def identity_like_logit(n: int, diagonal: float = 0.95) -> float:
@@ -152,6 +175,15 @@ class StreamCollapse(nn.Module):
 # multiply-adds, which torch.compile fuses further into single passes.
 
 
+def _dot_over_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_c a_ic b_jc: a (..., p, C), b (..., q, C) -> (..., p, q), p and q tiny. torch.compile turns the broadcast
+    product summed over C into one fused loop; eager would materialise p·q·C numbers per token, so it gets a
+    batched matmul instead."""
+    if torch.compiler.is_compiling():
+        return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(dim=-1)
+    return a @ b.transpose(-1, -2)
+
+
 class _ReadStreams(torch.autograd.Function):
     """The block's input RMSNorm(H_pre · x) · w, H_pre · x = Σ_j H_pre_j x_j.
     x: (..., n, C), h_pre: (..., n), weight: (C,) -> (..., C) in the promoted dtype of x and h_pre.
@@ -176,7 +208,7 @@ class _ReadStreams(torch.autograd.Function):
         gw = g * weight
         grad_read = (gw - normed * (gw * normed).mean(dim=-1, keepdim=True)).mul_(rstd)
         grad_x = h_pre.unsqueeze(-1) * grad_read.unsqueeze(-2)  # (..., n, C)
-        grad_h_pre = (grad_read.unsqueeze(-2) @ upcast(x).transpose(-1, -2)).squeeze(-2)  # Σ_c g_c x_jc: (..., n)
+        grad_h_pre = _dot_over_channels(grad_read.unsqueeze(-2), upcast(x)).squeeze(-2)  # Σ_c g_c x_jc: (..., n)
         return grad_x.to(x.dtype), grad_h_pre, grad_w.to(weight.dtype), None
 
 
@@ -201,8 +233,8 @@ class _MixStreams(torch.autograd.Function):
         for i in range(1, x.shape[-2]):
             grad_x.addcmul_(h_res[..., i, :].unsqueeze(-1), g[..., i : i + 1, :])
             grad_y.addcmul_(h_post[..., i : i + 1], g[..., i, :])
-        grad_h_res = g @ upcast(x).transpose(-1, -2)  # Σ_c g_ic x_jc: (..., n, n)
-        grad_h_post = (upcast(y).unsqueeze(-2) @ g.transpose(-1, -2)).squeeze(-2)  # Σ_c y_c g_ic: (..., n)
+        grad_h_res = _dot_over_channels(g, upcast(x))  # Σ_c g_ic x_jc: (..., n, n)
+        grad_h_post = _dot_over_channels(g, upcast(y).unsqueeze(-2)).squeeze(-1)  # Σ_c g_ic y_c: (..., n)
         return grad_x.to(x.dtype), grad_h_res, grad_h_post, grad_y.to(y.dtype)
 
 
@@ -224,7 +256,7 @@ class _RMSProjection(torch.autograd.Function):
         # dL/dr = Σ_k g_k proj_k and dr/dv = -r³ v / D
         g_v_coef = (g * proj).sum(dim=-1, keepdim=True) * r.pow(3) / -v.shape[-1]  # (..., 1)
         grad_v = (g_proj @ phi.t()).addcmul_(v, g_v_coef)
-        grad_phi = v.flatten(0, -2).t() @ g_proj.flatten(0, -2)
+        grad_phi = (g_proj.flatten(0, -2).t() @ v.flatten(0, -2)).t()  # (k, D) @ ... is the faster orientation
         return grad_v, grad_phi, None
 
 
@@ -276,7 +308,10 @@ class _StreamResidual(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        # x: (..., n, C), the residual streams (kept in fp32 under autocast)
+        # x: (..., n, C), the residual streams (kept in fp32 under autocast). The first site gets the expanded
+        # embedding (stride 0 over n): one contiguous copy, shared by everything below, beats the slow strided paths
+        # of the projection and the batched matmuls of backward.
+        x = x.contiguous()
         with torch.autocast(device_type=x.device.type, enabled=False):
             h_pre, h_post, h_res = self.coefficients(x)
             if self.record:
