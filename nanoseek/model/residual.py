@@ -344,8 +344,8 @@ class HyperConnection(_StreamResidual):
         self.scale_beta = nn.Parameter(torch.tensor(gate_init))
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xf = upcast(x)
-        d = torch.tanh(F.linear(F.rms_norm(xf, (xf.shape[-1],), eps=self.eps), upcast(self.dynamic.weight)))
+        # RMSNorm(x_i) · W for every stream i, without a normalised copy of the streams
+        d = torch.tanh(rms_projection(upcast(x), upcast(self.dynamic.weight).t(), self.eps))
         # d: (..., n, n+2), row i from stream i
         a_m = self.static_read + self.scale_alpha * d[..., 0]  # (..., n)
         a_r = self.static_mix + self.scale_alpha * d[..., 1 : self.n + 1]  # (..., n, n), [i, j]
