@@ -9,10 +9,12 @@ same small constant in every arm (≈ 2 % of plain's FLOPs at the default shape)
     python benchmarks/residual_overhead.py --quick    # a smoke run at tiny shapes
 
 Every arm is timed in the same run, arms interleaved (in a rotating order) within each repeat, and reported as the
-median over repeats and as a ratio to plain. Saved activations are the bytes autograd keeps for backward, caught by
-``torch.autograd.graph.saved_tensors_hooks``, each storage counted once and parameters excluded. Compile time is the
-time of the warm-up steps under ``torch.compile`` minus as many median steps (compilation of forward and backward,
-and any recompilation a guard triggers on the second call), reported on its own.
+median wall time over repeats and as a ratio to plain; the ratio of median process CPU times is printed too (steadier
+than wall time when other processes share the cores, with --threads 1). Saved activations are the bytes autograd
+keeps for backward, caught by ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once and parameters
+excluded. Compile time is the time of the warm-up steps under ``torch.compile`` minus as many median steps
+(compilation of forward and backward from scratch, inductor's on-disk caches disabled, and any recompilation a guard
+triggers on the second call), reported on its own.
 
 When ``hyper-connections==0.4.11`` is installed (``pip install -e .[bench]``) its mHC runs as a fourth arm around the
 same F; the differences that make it not the same computation are printed with the table.
@@ -25,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -143,27 +146,33 @@ def saved_activation_bytes(model: nn.Module, idx: torch.Tensor) -> int:
 def measure(arms: list[str], mode: str, idx: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     models = {arm: build(arm, args) for arm in arms}
     if mode == "compile":
+        torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from a cache on disk
+        warnings.filterwarnings("ignore", message=".*force_disable_caches")  # says caches are off: we know
         models = {arm: torch.compile(m) for arm, m in models.items()}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict] = {}
     for arm, model in models.items():
         start = time.perf_counter()
         for _ in range(1 + args.warmup):  # the first step compiles; a guard may recompile on the second
             step(model, idx)
         warm = time.perf_counter() - start
-        out[arm] = {"warm": warm, "saved": saved_activation_bytes(model, idx), "times": []}
+        out[arm] = {"warm": warm, "saved": saved_activation_bytes(model, idx), "wall": [], "cpu": []}
     for r in range(args.repeats):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:  # rotate who goes first
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             step(models[arm], idx)
-            out[arm]["times"].append(time.perf_counter() - start)
+            out[arm]["wall"].append(time.perf_counter() - wall)
+            out[arm]["cpu"].append(time.process_time() - cpu)
     for res in out.values():
-        res["median"] = statistics.median(res["times"])
+        res["median"], res["cpu_median"] = statistics.median(res["wall"]), statistics.median(res["cpu"])
         res["compile"] = res["warm"] - (1 + args.warmup) * res["median"]
     return out
 
 
-def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    head = f"{'mode':8} {'arm':22} {'fwd+bwd ms':>11} {'× plain':>8} {'saved MB':>9} {'× plain':>8} {'compile s':>10}"
+def table(results: dict[str, dict[str, dict]]) -> str:
+    head = (
+        f"{'mode':8} {'arm':22} {'fwd+bwd ms':>11} {'× plain':>8} {'cpu × plain':>12} {'saved MB':>9} {'× plain':>8} "
+        f"{'compile s':>10}"
+    )
     lines = [head, "-" * len(head)]
     for mode, res in results.items():
         base = res["plain"]
@@ -172,16 +181,14 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             compile_s = f"{r['compile']:10.1f}" if mode == "compile" else f"{'-':>10}"
             lines.append(
                 f"{mode:8} {name:22} {1e3 * r['median']:11.1f} {r['median'] / base['median']:8.2f} "
-                f"{r['saved'] / 2**20:9.1f} {r['saved'] / base['saved']:8.2f} {compile_s}"
+                f"{r['cpu_median'] / base['cpu_median']:12.2f} {r['saved'] / 2**20:9.1f} "
+                f"{r['saved'] / base['saved']:8.2f} {compile_s}"
             )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="F is the real nanoseek transformer: sites/2 layers of attention + SwiGLU sublayers.",
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
     p.add_argument("--seq", type=int, default=256, help="sequence length T (default 256)")
     p.add_argument("--dim", type=int, default=256, help="model width C (default 256)")
@@ -205,7 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags)",
+        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); about 2 minutes on "
+        "2 cores, nearly all of it compilation",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -242,6 +250,12 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) - 1 and torch.get_num_threads() > 1:
+        print(
+            f"warning: load average {load:.1f} on {os.cpu_count()} cores; multi-threaded timings are unreliable when "
+            "other processes compete for the cores (--threads 1 gives steadier ratios)",
+            flush=True,
+        )
     results = {mode: measure(arms, mode, idx, args) for mode in args.modes}
     print(table(results))
     print(f"1-minute load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine)")
