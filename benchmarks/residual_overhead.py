@@ -43,8 +43,10 @@ PACKAGE_NOTES = """\
 hyper-connections 0.4.11 mHC differs from nanoseek's (paper Eq. 7-9) in what it computes, so its time is a
 reference point, not the same algorithm:
   * per-stream coefficients: each stream is RMS-normalised on its own (learned gain, L2-normalise × √C) and a shared
-    C -> 1+n map gives that stream's H_pre entry and H_res row, a C -> 1 map its H_post entry; the paper maps the
-    flattened n·C vector once to n²+2n numbers, so every coefficient sees all streams;
+    C -> 1+n map gives that stream's H_pre entry and the n weights with which it is mixed into every stream, a C -> 1
+    map its H_post entry; the paper maps the flattened n·C vector once to n²+2n numbers, so every coefficient sees
+    all streams; the paper's map has n·C·(n²+2n) weights and multiply-adds per token, the package's C·(n+2)
+    weights applied to each of the n streams (16× fewer weights and 4× fewer multiply-adds at n=4);
   * Sinkhorn through plain autograd: all 20 iterations are kept for backward (nanoseek recomputes them);
   * fp32 upcast with .float() of the normalised streams, the streams and the branch output (no-ops at fp32, copies
     under bf16);
