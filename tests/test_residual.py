@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model import residual
 from nanoseek.model.residual import (
     HyperConnection,
     ManifoldHyperConnection,
@@ -14,6 +15,9 @@ from nanoseek.model.residual import (
     StreamCollapse,
     expand_streams,
     identity_like_logit,
+    mix_streams,
+    read_streams,
+    rms_projection,
     sinkhorn,
     sinkhorn_unrolled,
 )
@@ -121,10 +125,10 @@ def test_wrap_any_module_in_each_residual():
 
 
 def test_mhc_mixing_matches_equation_by_hand():
-    """x_{l+1} = H_res x + H_postᵀ F(norm(H_pre x)) with F = identity and no norm, for one token, in float64."""
+    """x_{l+1} = H_res x + H_postᵀ F(norm(H_pre x)) with F = identity, for one token, in float64."""
     torch.manual_seed(3)
     site = ManifoldHyperConnection(nn.Identity(), 3, n=2).double()
-    site.norm = nn.Identity()
+    site.norm.weight.data = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     x = torch.randn(2, 3, dtype=torch.float64)
     h_pre, h_post, h_res = site.coefficients(x)
     v = x.flatten()
@@ -134,7 +138,8 @@ def test_mhc_mixing_matches_equation_by_hand():
     torch.testing.assert_close(h_post, 2 * torch.sigmoid(a[1] * h[2:4] + site.b_post))
     torch.testing.assert_close(h_res, sinkhorn(a[2] * h[4:].view(2, 2) + site.b_res, 20))
     read = h_pre @ x
-    expected = h_res @ x + h_post[:, None] * read[None, :]
+    normed = read / read.pow(2).mean().add(site.eps).sqrt() * site.norm.weight
+    expected = h_res @ x + h_post[:, None] * normed[None, :]
     torch.testing.assert_close(site(x), expected)
 
 
@@ -146,3 +151,77 @@ def test_coefficients_stay_float32_under_bf16_autocast(residual):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randint(0, 64, (2, 8)))
     assert all(c.dtype == torch.float32 for c in site.recorded)
+
+
+def _stream_inputs(n: int = 3, c: int = 5, dtype=torch.float64):
+    torch.manual_seed(4)
+    return (
+        torch.randn(2, 3, n, c, dtype=dtype),  # x
+        torch.randn(2, 3, n, n, dtype=dtype),  # h_res
+        torch.randn(2, 3, n, dtype=dtype),  # h_post (and h_pre)
+        torch.randn(2, 3, c, dtype=dtype),  # y
+    )
+
+
+def test_fused_stream_functions_equal_the_straightforward_formulas():
+    x, h_res, h, y = (t.requires_grad_() for t in _stream_inputs())
+    phi = torch.randn(15, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    fused = (
+        read_streams(x, h, w, 1e-6),
+        mix_streams(x, h_res, h, y),
+        rms_projection(x.flatten(-2), phi, 1e-6),
+    )
+    v = x.flatten(-2)
+    plain = (
+        torch.nn.functional.rms_norm(torch.einsum("...n,...nc->...c", h, x), (5,), w, eps=1e-6),
+        h_res @ x + h.unsqueeze(-1) * y.unsqueeze(-2),
+        torch.nn.functional.rms_norm(v, (15,), eps=1e-6) @ phi,
+    )
+    inputs = (x, h_res, h, y, phi, w)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        w = torch.randn_like(a)
+        grads_a = torch.autograd.grad((a * w).sum(), inputs, allow_unused=True)
+        grads_b = torch.autograd.grad((b * w).sum(), inputs, allow_unused=True)
+        for ga, gb in zip(grads_a, grads_b, strict=True):
+            assert (ga is None) == (gb is None)
+            if ga is not None:
+                torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_stream_functions_gradcheck_float64():
+    x, h_res, h, y = (t.requires_grad_() for t in _stream_inputs(n=2, c=3))
+    phi = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: read_streams(*a, 1e-6), (x, h, w))
+    assert torch.autograd.gradcheck(mix_streams, (x, h_res, h, y))
+    assert torch.autograd.gradcheck(lambda v, p: rms_projection(v, p, 1e-6), (x.flatten(-2), phi))
+
+
+def test_mixing_keeps_the_stream_dtype_and_computes_in_float32():
+    """bf16 streams with fp32 coefficients: the result is bf16, rounded once from an fp32 computation."""
+    x, h_res, h, y = (t.float() for t in _stream_inputs())
+    xb, yb = x.bfloat16(), y.bfloat16()
+    out = mix_streams(xb, h_res, h, yb)
+    assert out.dtype == torch.bfloat16
+    exact = h_res @ xb.float() + h.unsqueeze(-1) * yb.float().unsqueeze(-2)
+    torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=0)  # within one bf16 rounding
+    assert read_streams(xb, h, torch.ones(5), 1e-6).dtype == torch.float32
+
+
+def test_sinkhorn_operator_registration_is_consistent_for_torch_compile():
+    """The fake (shape-only) implementations and the autograd registration match the real kernels."""
+    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    fast = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(residual._sinkhorn_op, (logits, 5), test_utils=fast)
+    torch.library.opcheck(residual._sinkhorn_backward_op, (grad, logits.detach(), 5), test_utils=fast[:2])
+
+
+def test_channel_dot_products_agree_in_the_eager_and_compiled_forms(monkeypatch):
+    a, b = torch.randn(2, 3, 4, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    eager = residual._dot_over_channels(a, b)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(residual._dot_over_channels(a, b), eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eager, torch.einsum("...ic,...jc->...ij", a, b), rtol=1e-12, atol=1e-12)

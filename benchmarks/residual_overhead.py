@@ -1,0 +1,269 @@
+"""What a stream-mixing residual costs: forward+backward time and saved activations of plain / HC / mHC.
+
+F (the block function inside every residual site) is the real thing: the attention and SwiGLU sublayers of
+``nanoseek.Transformer`` with sites/2 layers, run as a full LM step (embedding, blocks, final norm, tied head,
+cross-entropy, backward). Only the residual connection differs between arms; the embedding, head and loss are the
+same small constant in every arm (≈ 2 % of plain's FLOPs at the default shape).
+
+    python benchmarks/residual_overhead.py            # B=8, T=256, C=256, n=4, 8 sites, eager and compiled
+    python benchmarks/residual_overhead.py --quick    # a smoke run at tiny shapes
+
+Every arm is timed in the same run, arms interleaved (in a rotating order) within each repeat, and reported as the
+median wall time over repeats and as a ratio to plain; the ratio of median process CPU times is printed too (steadier
+than wall time when other processes share the cores, with --threads 1). Saved activations are the bytes autograd
+keeps for backward, caught by ``torch.autograd.graph.saved_tensors_hooks``, each storage counted once and parameters
+excluded. Compile time is the time of the warm-up steps under ``torch.compile`` minus as many median steps
+(compilation of forward and backward from scratch, inductor's on-disk caches disabled, and any recompilation a guard
+triggers on the second call), reported on its own.
+
+When ``hyper-connections==0.4.11`` is installed (``pip install -e .[bench]``) its mHC runs as a fourth arm around the
+same F; the differences that make it not the same computation are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure the checkout this file is in
+from nanoseek import ModelConfig, Transformer  # noqa: E402
+from nanoseek.model.attention import rotary_tables  # noqa: E402
+
+PACKAGE = "hyper-connections"
+PACKAGE_NOTES = """\
+hyper-connections 0.4.11 mHC differs from nanoseek's (paper Eq. 7-9) in what it computes, so its time is a
+reference point, not the same algorithm:
+  * per-stream coefficients: each stream is RMS-normalised on its own (learned gain, L2-normalise × √C) and a shared
+    C -> 1+n map gives that stream's H_pre entry and the n weights with which it is mixed into every stream, a C -> 1
+    map its H_post entry; the paper maps the flattened n·C vector once to n²+2n numbers, so every coefficient sees
+    all streams; the paper's map has n·C·(n²+2n) weights and multiply-adds per token, the package's C·(n+2)
+    weights applied to each of the n streams (16× fewer weights and 4× fewer multiply-adds at n=4);
+  * Sinkhorn through plain autograd: all 20 iterations are kept for backward (nanoseek recomputes them);
+  * fp32 upcast with .float() of the normalised streams, the streams and the branch output (no-ops at fp32, copies
+    under bf16);
+  * streams folded into the batch, ((B·n), T, C); expansion by a repeat (a copy), collapse by sum (nanoseek: mean,
+    equal after the final RMSNorm up to its epsilon);
+  * initialisation: H_pre = σ(one-hot) (0.73 on one stream, 0.5 on the others), H_res = Sinkhorn(I) (diagonal
+    ≈ 0.475 at n=4), H_post = 2σ(1) ≈ 1.46; nanoseek: 1/n each, diagonal 0.95, 1;
+  * it does not normalise the branch input; here F is wrapped with the same RMSNorm nanoseek applies, so F's work is
+    identical in every arm."""
+
+
+class PreNorm(nn.Module):
+    """fn(norm(x)): the pre-norm F every nanoseek site applies, for the package, which calls branch(x, **kwargs)."""
+
+    def __init__(self, norm: nn.Module, fn: nn.Module):
+        super().__init__()
+        self.norm, self.fn = norm, fn
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class PackageMHCModel(nn.Module):
+    """The nanoseek LM of a plain-residual model, with every residual site replaced by hyper-connections' mHC.
+
+    Embedding, attention / FFN weights, norms and head are those of ``plain``; streams live as ((B·n), T, C)."""
+
+    def __init__(self, plain: Transformer, n: int):
+        super().__init__()
+        from hyper_connections import mc_get_init_and_expand_reduce_stream_functions as init_mhc
+
+        make_site, self.expand, self.reduce = init_mhc(n, dim=plain.cfg.d_model)
+        self.cfg, self.embed, self.norm = plain.cfg, plain.embed, plain.norm
+        self.sites = nn.ModuleList(
+            make_site(branch=PreNorm(site.norm, site.fn), layer_index=i)
+            for i, site in enumerate(plain.residual_sites())
+        )
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rope = rotary_tables(self.cfg.head_dim, 0, idx.shape[1], self.cfg.rope_base, idx.device)
+        x = self.expand(self.embed(idx))  # ((B·n), T, C)
+        for i, site in enumerate(self.sites):  # even sites are attention, odd ones FFN
+            x = site(x, rope=rope) if i % 2 == 0 else site(x)
+        logits = F.linear(self.norm(self.reduce(x)), self.embed.weight)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def package_available() -> bool:
+    try:
+        import hyper_connections  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(arm: str, args: argparse.Namespace) -> nn.Module:
+    """The model of one arm, seeded so that F's weights are the same in every arm."""
+    residual = "plain" if arm == PACKAGE else arm
+    cfg = ModelConfig(
+        vocab_size=256,
+        d_model=args.dim,
+        n_layers=args.sites // 2,
+        n_heads=args.heads or max(1, args.dim // 64),
+        seq_len=args.seq,
+        residual=residual,
+        n_streams=args.streams,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    return PackageMHCModel(model, args.streams) if arm == PACKAGE else model
+
+
+def step(model: nn.Module, idx: torch.Tensor) -> None:
+    """One training step's forward and backward (no optimiser: it is the same in every arm)."""
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, idx)
+    loss.backward()
+
+
+def saved_activation_bytes(model: nn.Module, idx: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during one forward, each storage once, parameters (and views of them)
+    excluded. Under torch.compile this sees what the compiled graph saves."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, idx)
+    loss.backward()
+    return sum(storages.values())
+
+
+def measure(arms: list[str], mode: str, idx: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    models = {arm: build(arm, args) for arm in arms}
+    if mode == "compile":
+        torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from a cache on disk
+        warnings.filterwarnings("ignore", message=".*force_disable_caches")  # says caches are off: we know
+        models = {arm: torch.compile(m) for arm, m in models.items()}
+    out: dict[str, dict] = {}
+    for arm, model in models.items():
+        start = time.perf_counter()
+        for _ in range(1 + args.warmup):  # the first step compiles; a guard may recompile on the second
+            step(model, idx)
+        warm = time.perf_counter() - start
+        out[arm] = {"warm": warm, "saved": saved_activation_bytes(model, idx), "wall": [], "cpu": []}
+    for r in range(args.repeats):
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:  # rotate who goes first
+            wall, cpu = time.perf_counter(), time.process_time()
+            step(models[arm], idx)
+            out[arm]["wall"].append(time.perf_counter() - wall)
+            out[arm]["cpu"].append(time.process_time() - cpu)
+    for res in out.values():
+        res["median"], res["cpu_median"] = statistics.median(res["wall"]), statistics.median(res["cpu"])
+        res["compile"] = res["warm"] - (1 + args.warmup) * res["median"]
+    return out
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    head = (
+        f"{'mode':8} {'arm':22} {'fwd+bwd ms':>11} {'× plain':>8} {'cpu × plain':>12} {'saved MB':>9} {'× plain':>8} "
+        f"{'compile s':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for mode, res in results.items():
+        base = res["plain"]
+        for arm, r in res.items():
+            name = f"{PACKAGE} mHC" if arm == PACKAGE else arm
+            compile_s = f"{r['compile']:10.1f}" if mode == "compile" else f"{'-':>10}"
+            lines.append(
+                f"{mode:8} {name:22} {1e3 * r['median']:11.1f} {r['median'] / base['median']:8.2f} "
+                f"{r['cpu_median'] / base['cpu_median']:12.2f} {r['saved'] / 2**20:9.1f} "
+                f"{r['saved'] / base['saved']:8.2f} {compile_s}"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
+    p.add_argument("--seq", type=int, default=256, help="sequence length T (default 256)")
+    p.add_argument("--dim", type=int, default=256, help="model width C (default 256)")
+    p.add_argument("--streams", type=int, default=4, help="number of residual streams n for hc and mhc (default 4)")
+    p.add_argument("--sites", type=int, default=8, help="residual sites, an even number: 2 per layer (default 8)")
+    p.add_argument("--heads", type=int, default=0, help="attention heads; 0 = dim/64 (default 0)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per arm; the median is reported (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after the first (default 2)")
+    p.add_argument(
+        "--modes",
+        default="eager,compile",
+        help="comma-separated subset of eager,compile (default both); compile uses torch.compile's default mode",
+    )
+    p.add_argument(
+        "--arms",
+        default="plain,hc,mhc,package",
+        help="comma-separated subset of plain,hc,mhc,package; 'package' is hyper-connections' mHC and is skipped "
+        "with a note when it is not installed; plain is always measured, as the baseline (default all)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); about 2 minutes on "
+        "2 cores, nearly all of it compilation",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.dim, args.sites, args.repeats, args.warmup = 2, 32, 64, 2, 3, 1
+    for name in ("batch", "seq", "dim", "streams", "sites", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}={getattr(args, name)} is invalid: expected an integer >= 1")
+    if args.sites % 2:
+        p.error(f"--sites={args.sites} is invalid: expected an even number (each layer has 2 sites)")
+    args.modes = args.modes.split(",")
+    if not set(args.modes) <= {"eager", "compile"}:
+        p.error(f"--modes={','.join(args.modes)} is invalid: expected a subset of eager,compile")
+    arms = args.arms.split(",")
+    if not set(arms) <= {"plain", "hc", "mhc", "package"}:
+        p.error(f"--arms={args.arms} is invalid: expected a subset of plain,hc,mhc,package")
+    args.arms = ["plain"] + [PACKAGE if a == "package" else a for a in arms if a != "plain"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = args.arms
+    if PACKAGE in arms and not package_available():
+        print(f"note: {PACKAGE} is not installed (pip install -e .[bench]); its arm is skipped")
+        arms = [a for a in arms if a != PACKAGE]
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (args.batch, args.seq))
+    print(
+        f"B={args.batch} T={args.seq} C={args.dim} n={args.streams} sites={args.sites} (F = attention + SwiGLU "
+        f"sublayers), fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} steps per arm",
+        flush=True,
+    )
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) - 1 and torch.get_num_threads() > 1:
+        print(
+            f"warning: load average {load:.1f} on {os.cpu_count()} cores; multi-threaded timings are unreliable when "
+            "other processes compete for the cores (--threads 1 gives steadier ratios)",
+            flush=True,
+        )
+    results = {mode: measure(arms, mode, idx, args) for mode in args.modes}
+    print(table(results))
+    print(f"1-minute load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine)")
+    if PACKAGE in arms:
+        print(PACKAGE_NOTES)
+
+
+if __name__ == "__main__":
+    main()
