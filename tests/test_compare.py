@@ -56,6 +56,7 @@ def write_comparison(tmp_path, text_file, compare="seeds = [0]", arms=MHC_ARMS, 
         ("", "[arms.baseline]\n[arms.same]\nmodel.residual='plain'", "arms.same is identical to the baseline arm"),
         ("", "[arms.baseline]\n[arms.long]\ntrain.steps=12", "arms.long: train.steps is shared by all arms"),
         ("", "[arms.baseline]\n[arms.other]\ndata.val_fraction=0.1", "arms.other: data.* is shared by all arms"),
+        ("", "[arms.baseline]\n[arms.x]\noptim.lr=1", "arms.x: unknown section [optim]"),
         ("", "[arms.baseline]", "only the baseline arm 'baseline'"),
         ("seeds = []", "[arms.baseline]\n[arms.hc]\nmodel.residual='hc'", "compare.seeds=[] is invalid"),
         ("sedes = [1]", "[arms.baseline]\n[arms.hc]\nmodel.residual='hc'", "unknown key compare.sedes"),
@@ -191,6 +192,8 @@ def test_report_from_fake_runs_with_known_answers(tmp_path, text_file):
     # never: does not reach the target, and is not extrapolated
     assert never["reached_runs"] == 0 and never["compute_pct"] is None and never["time_pct"] is None
     assert report["energy_method"] == "estimated" and report["price_per_hour"] == 3.6
+    assert base["stability"]["max_grad_norm"] == {"mean": 3.0, "ci95": 0.0, "n": 2}  # grad norms 1, 2, 3
+    assert base["stability"]["loss_spikes"] == [0, 0] and base["stability"]["composite_gain"] is None
     assert report["runs"][0]["full"]["cost"] == pytest.approx(30 / 3600 * 3.6)
     md = (out / "report.md").read_text()
     assert md.startswith("# nanoseek compare: cmp")

@@ -95,7 +95,7 @@ class Comparison:
         the baseline's FLOPs per token ÷ the arm's, rounded."""
         raw = copy.deepcopy(self.base)
         for section, values in self.arms[arm].items():
-            raw[section].update(values)
+            raw.setdefault(section, {}).update(values)
         raw["train"]["seed"] = seed
         if vocab_size is not None:
             raw["model"]["vocab_size"] = vocab_size

@@ -61,6 +61,7 @@ def run_result(run: Run, folder: Path, target: float, price: float) -> dict:
         return {"step": r["step"]} | {k: r[k] for k in MEASURES.values() if k != "cost"} | {"cost": cost}
 
     hit = first_reach(evals, target)
+    after_warmup = [r for r in records if r["step"] > run.cfg.train.warmup_steps] or records  # step 1's is large
     diag = next((r for r in reversed(records) if "gain_fwd_max" in r), None)
     gains = read_json(folder / "gains.json")
     return {
@@ -77,13 +78,18 @@ def run_result(run: Run, folder: Path, target: float, price: float) -> dict:
         "energy": info["energy"],
         "git_commit": info["provenance"]["git_commit"],
         "data": info["data"],
-        "max_grad_norm": max(r["grad_norm"] for r in records),
+        "max_grad_norm": max(r["grad_norm"] for r in after_warmup),
         "loss_spikes": len(loss_spikes([r["train_loss"] for r in records])),
         "skipped_steps": read_json(folder / "summary.json")["skipped_steps"],
         "composite_gain": {k: diag[f"gain_{k}"] for k in GAIN_KEYS} if diag else None,
         "layer_gains": gains["per_layer"] if gains else None,
         "evals": [{k: r[k] for k in ("step", "flops", "wall_seconds", "val_loss")} for r in evals],
     }
+
+
+def _mean_per_layer(seeds: list[list[dict]]) -> list[dict]:
+    """Per-site gains averaged over seeds: seeds[s][site] -> {gain name: value}."""
+    return [{k: statistics.fmean(seed[i][k] for seed in seeds) for k in seeds[0][i]} for i in range(len(seeds[0]))]
 
 
 def analyse(comparison: Comparison, runs: list[tuple[Run, Path]]) -> dict:
@@ -133,12 +139,7 @@ def analyse(comparison: Comparison, runs: list[tuple[Run, Path]]) -> dict:
             "loss_spikes": [r["loss_spikes"] for r in rs],
             "skipped_steps": [r["skipped_steps"] for r in rs],
             "composite_gain": {k: figure([g[k] for g in gains]) for k in GAIN_KEYS} if gains else None,
-            "layer_gains": [
-                {k: statistics.fmean(seed[i][k] for seed in layers) for k in layers[0][i]}
-                for i in range(len(layers[0]))
-            ]
-            if layers
-            else None,
+            "layer_gains": _mean_per_layer(layers) if layers else None,
         }
         arms.append(entry)
     meters = {json.dumps(r["energy"], sort_keys=True): r["energy"] for r in results}
@@ -149,6 +150,7 @@ def analyse(comparison: Comparison, runs: list[tuple[Run, Path]]) -> dict:
         "target_loss": target,
         "target_source": "given" if comparison.target_loss else f"baseline final val loss, mean of {len(finals)} seeds",
         "reference": "baseline full run" if full_reference else "baseline to reach the target",
+        "reference_values": ref,
         "budget": comparison.budget,
         "seeds": comparison.seeds,
         "energy_method": methods.pop() if len(methods) == 1 else "mixed",
@@ -186,12 +188,8 @@ def _num(fig: dict | None, fmt: str = ".4f", sign: str = "") -> str:
 
 
 def _absolute(report: dict) -> dict[str, str]:
-    """The baseline's 100 % in units, from its reference points."""
-    base = report["baseline"]
-    rs = [r for r in report["runs"] if r["arm"] == base]
-    pts = [r["full"] for r in rs] if report["reference"] == "baseline full run" else [r["reached"] for r in rs]
-    pts = [p for p in pts if p]
-    mean = {k: statistics.fmean(p[k] for p in pts) for k in MEASURES.values()}
+    """The baseline's 100 % in units."""
+    mean = report["reference_values"]
     return {
         "compute": f"{mean['flops']:.3g} FLOP",
         "time": f"{mean['wall_seconds']:.1f} s",
@@ -261,6 +259,7 @@ def render_markdown(report: dict) -> str:
         "",
         "## Stability",
         "",
+        f"Max grad norm: the largest gradient norm (before clipping) after the learning-rate warm-up. "
         f"Loss spike: a step whose {report['loss_spike']}. Composite gain: the mHC paper's Amax gain of the product "
         "of all H_res at the last step (forward = max row sum, backward = max column sum; ideal 1), mean over seeds.",
         "",
