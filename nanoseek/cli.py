@@ -17,6 +17,18 @@ EPILOG = """examples:
   nanoseek train --resume --out runs/mhc             continue the newest checkpoint in runs/mhc exactly
   torchrun --nproc_per_node=2 -m nanoseek train --preset tiny      data-parallel on 2 processes
   nanoseek sample --ckpt runs/demo --prompt "The with statement"
+  nanoseek compare --preset demo                     baseline vs hc vs mhc vs muon: compute, time, energy to reach
+"""
+
+COMPARE_EPILOG = """The comparison file (TOML) has [compare] (seeds, baseline, budget, target_loss, watts_per_core,
+price_per_hour), the common base run config [base.model] / [base.data] / [base.train], and one table of overrides
+per arm, e.g. [arms.mhc] with model.residual = "mhc". See configs/compare/*.toml.
+
+examples:
+  nanoseek compare --preset smoke                    2 arms × 2 seeds, about a minute
+  nanoseek compare --preset demo                     4 arms × 3 seeds, ≤ 20 minutes on 2 cores
+  nanoseek compare --preset demo --report-only       rebuild report.md / report.json / plots from the cached runs
+  nanoseek compare --config my.toml --set train.steps=400 --target-loss 1.9 --out runs/mine
 """
 
 
@@ -161,6 +173,28 @@ def _add_stage_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nanoseek.measure.arms import load_comparison
+    from nanoseek.measure.compare import run_comparison
+    from nanoseek.measure.report import render_headline
+
+    if bool(args.preset) == bool(args.config):
+        raise ValueError("give exactly one of --preset NAME or --config FILE.toml")
+    path = preset_path(args.preset, "compare") if args.preset else Path(args.config)
+    comparison = load_comparison(path, args.set, args.target_loss)
+    out = Path(args.out or f"runs/compare-{comparison.name}")
+    try:
+        report = run_comparison(comparison, out, report_only=args.report_only, progress=not args.no_progress)
+    except KeyboardInterrupt:  # between runs or while writing the report: every finished run is cached
+        report = None
+    if report is None:
+        print("nanoseek compare: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    print(render_headline(report))
+    print(f"full report: {out / 'report.md'} (and report.json, plots, every run in {out / 'runs'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
@@ -245,6 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare",
+        help="the efficiency table: compute, time, energy and cost to reach the same quality, arm vs baseline",
+        description="Train every arm of a comparison over its seeds (cached: finished runs are reused, interrupted "
+        "ones resumed) and write report.md, report.json and plots into --out: compute, time, energy and cost to "
+        "reach the baseline's final validation loss, mean ± 95 %% CI over seeds.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", help="a comparison from configs/compare (smoke, demo)")
+    p.add_argument("--config", metavar="FILE.toml", help="a comparison file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value of the base run config (all arms), e.g. --set train.steps=400 (repeatable)",
+    )
+    p.add_argument(
+        "--target-loss", type=float, metavar="X", help="quality target (default: the baseline's final val loss)"
+    )
+    p.add_argument("--out", help="output folder (default runs/compare-<name>)")
+    p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from cached runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished run only)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("info", help="machine, versions and corpus statistics")
     p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")

@@ -2,9 +2,9 @@
 
 One optimizer step = ``grad_accum`` micro-batches per process, gradient clipping, the optimizer(s), then any
 post-step hook of the model (MoE router-bias balancing). Measured per step and written to ``metrics.jsonl``: loss,
-learning rate, gradient norm, tokens, cumulative analytic FLOPs, tokens/s, and wall / process-CPU seconds of
-training. Timed seconds exclude the first step of each process (compilation and allocator warm-up, reported as
-``warmup_seconds``) and the time spent evaluating or checkpointing.
+learning rate, gradient norm, tokens, cumulative analytic FLOPs, tokens/s, wall / process-CPU seconds of training
+and, given an energy meter, its joules. Timed seconds and joules exclude the first step of each process (compilation
+and allocator warm-up, reported as ``warmup_seconds``) and the time spent evaluating or checkpointing.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from nanoseek.config import RunConfig
 from nanoseek.data.loader import TokenData, load_token_data, train_batch, val_batches
+from nanoseek.measure.energy import EnergyMeter
 from nanoseek.measure.provenance import provenance
 from nanoseek.model import Transformer, moe_stats
 from nanoseek.model.diagnostics import residual_gains
@@ -38,18 +41,23 @@ class TrainingError(RuntimeError):
 
 
 class Clock:
-    """Wall and process-CPU seconds, accumulated only while running."""
+    """Wall and process-CPU seconds, and the joules of an optional energy meter, accumulated only while running."""
 
-    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
-        self.wall, self.cpu, self._t0 = wall, cpu, None
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0, energy: float = 0.0, meter: EnergyMeter | None = None):
+        self.wall, self.cpu, self.energy, self.meter, self._t0 = wall, cpu, energy, meter, None
+
+    def _now(self) -> tuple[float, float, float]:
+        return time.perf_counter(), time.process_time(), self.meter.read() if self.meter else 0.0
 
     def start(self) -> None:
-        self._t0 = (time.perf_counter(), time.process_time())
+        self._t0 = self._now()
 
     def stop(self) -> None:
         if self._t0 is not None:
-            self.wall += time.perf_counter() - self._t0[0]
-            self.cpu += time.process_time() - self._t0[1]
+            now = self._now()
+            self.wall += now[0] - self._t0[0]
+            self.cpu += now[1] - self._t0[1]
+            self.energy += now[2] - self._t0[2]
             self._t0 = None
 
 
@@ -63,7 +71,11 @@ class Trainer:
         data: TokenData | None = None,
         progress: bool = True,
         log=None,
+        meter: EnergyMeter | None = None,
+        callback: Callable[[dict], None] | None = None,
     ):
+        """``meter`` adds cumulative ``energy_j`` to every metrics record; ``callback(record)`` is called after each
+        step (e.g. to drive an outer progress bar)."""
         state, weights = None, None
         if resume is not None:
             _, cfg, weights, state = load_checkpoint(resume, overrides)
@@ -71,6 +83,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.out_dir, self.log, self.progress = Path(out_dir), log or _log, progress
+        self.meter, self.callback = meter, callback
         self.data = data or load_token_data(cfg.data, cfg.model.seq_len)
         if cfg.model.vocab_size != self.data.tokenizer.vocab_size:
             cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
@@ -81,13 +94,13 @@ class Trainer:
             self.model.load_state_dict(weights)
         self.optimizers = build_optimizers(self.model, cfg.train)
         self.step, self.tokens, self.flops, self.skipped = 0, 0, 0.0, 0
-        self.clock, self.warmup_seconds = Clock(), 0.0
+        self.clock, self.warmup_seconds = Clock(meter=meter), 0.0
         if state is not None:
             for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
             self.step, self.tokens, self.flops = state["step"], state["tokens"], state["flops"]
             self.skipped, self.warmup_seconds = state["skipped"], state["warmup_seconds"]
-            self.clock = Clock(state["wall_seconds"], state["cpu_seconds"])
+            self.clock = Clock(state["wall_seconds"], state["cpu_seconds"], state.get("energy_j", 0.0), meter)
             torch.set_rng_state(state["rng"])
         self.flops_per_token = self.model.flops_per_token()
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
@@ -120,6 +133,8 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "world_size": self.dist.world,
         }
+        if self.meter is not None:
+            run["energy"] = self.meter.describe()
         (self.out_dir / "run.json").write_text(json.dumps(run, indent=1))
 
     def _write_metrics(self, record: dict) -> None:
@@ -164,6 +179,7 @@ class Trainer:
             "skipped": self.skipped,
             "wall_seconds": self.clock.wall,
             "cpu_seconds": self.clock.cpu,
+            "energy_j": self.clock.energy,
             "warmup_seconds": self.warmup_seconds,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "rng": torch.get_rng_state(),
@@ -254,12 +270,16 @@ class Trainer:
                     "tokens_per_second": tokens_per_step / (time.perf_counter() - t0),
                     **moe_stats(self.model),
                 }
+                if self.meter is not None:
+                    record["energy_j"] = self.clock.energy
                 if self.step % t.eval_every == 0 or stop_reason:
                     val_loss = record["val_loss"] = self.evaluate()
                     self.log(f"step {self.step}/{t.steps}: train loss {loss:.4f}, val loss {val_loss:.4f}")
                 if t.diag_every and (self.step % t.diag_every == 0 or stop_reason):
                     record |= self._diagnostics()
                 self._write_metrics(record)
+                if self.callback is not None:
+                    self.callback(record)
                 bar.set_postfix(loss=f"{loss:.3f}", val=f"{val_loss:.3f}" if val_loss is not None else "-")
                 bar.update(1)
                 if t.ckpt_every and self.step % t.ckpt_every == 0 and not stop_reason:
@@ -281,8 +301,12 @@ class Trainer:
             "skipped_steps": self.skipped,
             "checkpoint": str(path) if path else None,
         }
-        if self.dist.main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.meter is not None:
+            summary["energy_j"] = self.clock.energy
+        if self.dist.main:  # atomically: a complete summary.json is what marks a finished run
+            tmp = self.out_dir / f".summary.json.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, self.out_dir / "summary.json")
         return summary
 
 
