@@ -266,3 +266,21 @@ def test_help_shows_the_comparison_file_and_every_option(capsys):
         assert text in out
     assert main(["compare", "--preset", "smoke", "--config", "x.toml"]) == 2
     assert "exactly one of --preset NAME or --config FILE.toml" in capsys.readouterr().err
+
+
+def test_moe_arms_report_their_expert_balance(tmp_path, text_file):
+    arms = "[arms.baseline]\n[arms.moe]\nmodel.ffn='moe'\nmodel.n_routed_experts=4\nmodel.top_k=2"
+    comparison = load_comparison(write_comparison(tmp_path, text_file, arms=arms), [], None)
+    report = run_comparison(comparison, tmp_path / "out", progress=False)
+    base, moe = report["arms"]
+    assert base["stability"]["moe_max_violation"] is None
+    assert 0 <= moe["stability"]["moe_max_violation"]["mean"] <= 1  # 4 experts, top-2: at most 4 / 2 - 1
+    assert "MoE max violation" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_every_comparison_preset_is_valid():
+    from nanoseek.cli import CONFIG_DIR
+
+    names = {p.stem: load_comparison(p, [], None) for p in sorted((CONFIG_DIR / "compare").glob("*.toml"))}
+    assert set(names) >= {"smoke", "demo", "recipe"}
+    assert list(names["recipe"].arms) == ["baseline", "moe", "recipe"]

@@ -82,6 +82,7 @@ def run_result(run: Run, folder: Path, target: float, price: float) -> dict:
         "loss_spikes": len(loss_spikes([r["train_loss"] for r in records])),
         "skipped_steps": read_json(folder / "summary.json")["skipped_steps"],
         "composite_gain": {k: diag[f"gain_{k}"] for k in GAIN_KEYS} if diag else None,
+        "moe_max_violation": records[-1].get("moe_max_violation"),
         "layer_gains": gains["per_layer"] if gains else None,
         "evals": [{k: r[k] for k in ("step", "flops", "wall_seconds", "val_loss")} for r in evals],
     }
@@ -134,12 +135,14 @@ def analyse(comparison: Comparison, runs: list[tuple[Run, Path]]) -> dict:
         }
         gains = [r["composite_gain"] for r in rs if r["composite_gain"]]
         layers = [r["layer_gains"] for r in rs if r["layer_gains"]]
+        violations = [r["moe_max_violation"] for r in rs if r["moe_max_violation"] is not None]
         entry["stability"] = {
             "max_grad_norm": figure([r["max_grad_norm"] for r in rs]),
             "loss_spikes": [r["loss_spikes"] for r in rs],
             "skipped_steps": [r["skipped_steps"] for r in rs],
             "composite_gain": {k: figure([g[k] for g in gains]) for k in GAIN_KEYS} if gains else None,
             "layer_gains": _mean_per_layer(layers) if layers else None,
+            "moe_max_violation": figure(violations) if violations else None,
         }
         arms.append(entry)
     meters = {json.dumps(r["energy"], sort_keys=True): r["energy"] for r in results}
@@ -261,17 +264,22 @@ def render_markdown(report: dict) -> str:
         "",
         f"Max grad norm: the largest gradient norm (before clipping) after the learning-rate warm-up. "
         f"Loss spike: a step whose {report['loss_spike']}. Composite gain: the mHC paper's Amax gain of the product "
-        "of all H_res at the last step (forward = max row sum, backward = max column sum; ideal 1), mean over seeds.",
+        "of all H_res at the last step (forward = max row sum, backward = max column sum; ideal 1), mean over seeds. "
+        "MoE max violation: max_i load_i / mean load − 1 over the experts of the last step (0 = balanced).",
         "",
-        "| arm | max grad norm | loss spikes per seed | skipped steps | gain fwd max / min | gain bwd max / min |",
-        "|---|---|---|---|---|---|",
+        "| arm | max grad norm | loss spikes per seed | skipped steps | gain fwd max / min | gain bwd max / min "
+        "| MoE max violation |",
+        "|---|---|---|---|---|---|---|",
     ]
     for a in arms:
         s, g = a["stability"], a["stability"]["composite_gain"]
         fwd = f"{_num(g['fwd_max'], '.3f')} / {_num(g['fwd_min'], '.3f')}" if g else "–"
         bwd = f"{_num(g['bwd_max'], '.3f')} / {_num(g['bwd_min'], '.3f')}" if g else "–"
         spikes, skipped = ", ".join(map(str, s["loss_spikes"])), ", ".join(map(str, s["skipped_steps"]))
-        lines.append(f"| {a['name']} | {_num(s['max_grad_norm'], '.3f')} | {spikes} | {skipped} | {fwd} | {bwd} |")
+        moe = _num(s["moe_max_violation"], ".2f") if s["moe_max_violation"] else "–"
+        lines.append(
+            f"| {a['name']} | {_num(s['max_grad_norm'], '.3f')} | {spikes} | {skipped} | {fwd} | {bwd} | {moe} |"
+        )
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     p = report["provenance"]
