@@ -266,3 +266,17 @@ def test_help_shows_the_comparison_file_and_every_option(capsys):
         assert text in out
     assert main(["compare", "--preset", "smoke", "--config", "x.toml"]) == 2
     assert "exactly one of --preset NAME or --config FILE.toml" in capsys.readouterr().err
+
+
+def test_every_comparison_preset_is_valid_and_the_demo_has_what_the_claim_needs():
+    from nanoseek.cli import CONFIG_DIR
+
+    presets = {p.stem: load_comparison(p) for p in sorted((CONFIG_DIR / "compare").glob("*.toml"))}
+    assert set(presets) >= {"smoke", "demo"}
+    demo = presets["demo"]
+    assert list(demo.arms) == ["baseline", "hc", "mhc", "muon"] and len(demo.seeds) >= 3
+    configs = {arm: demo.arm_config(arm, 0) for arm in demo.arms}
+    assert configs["baseline"].model.residual == "plain" and configs["baseline"].train.optimizer == "adamw"
+    assert configs["muon"].model.residual == "plain" and configs["muon"].train.optimizer == "muon"
+    assert (configs["hc"].model.residual, configs["mhc"].model.residual) == ("hc", "mhc")
+    assert len({c.train.steps * c.train.batch_size * c.model.seq_len for c in configs.values()}) == 1  # same tokens
