@@ -278,9 +278,16 @@ def test_moe_arms_report_their_expert_balance(tmp_path, text_file):
     assert "MoE max violation" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_every_comparison_preset_is_valid():
+def test_every_comparison_preset_is_valid_and_the_demo_has_what_the_claim_needs():
     from nanoseek.cli import CONFIG_DIR
 
-    names = {p.stem: load_comparison(p, [], None) for p in sorted((CONFIG_DIR / "compare").glob("*.toml"))}
-    assert set(names) >= {"smoke", "demo", "recipe"}
-    assert list(names["recipe"].arms) == ["baseline", "moe", "recipe"]
+    presets = {p.stem: load_comparison(p) for p in sorted((CONFIG_DIR / "compare").glob("*.toml"))}
+    assert set(presets) >= {"smoke", "demo", "recipe"}
+    assert list(presets["recipe"].arms) == ["baseline", "moe", "recipe"]
+    demo = presets["demo"]
+    assert list(demo.arms) == ["baseline", "hc", "mhc", "muon"] and len(demo.seeds) >= 3
+    configs = {arm: demo.arm_config(arm, 0) for arm in demo.arms}
+    assert configs["baseline"].model.residual == "plain" and configs["baseline"].train.optimizer == "adamw"
+    assert configs["muon"].model.residual == "plain" and configs["muon"].train.optimizer == "muon"
+    assert (configs["hc"].model.residual, configs["mhc"].model.residual) == ("hc", "mhc")
+    assert len({c.train.steps * c.train.batch_size * c.model.seq_len for c in configs.values()}) == 1  # same tokens

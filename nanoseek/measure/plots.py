@@ -26,13 +26,13 @@ def _png(fig) -> bytes:
 
 def loss_curves(report: dict, x_key: str, x_label: str) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in report["arms"]:
+    for color, arm in enumerate(report["arms"]):
         runs = [r["evals"] for r in report["runs"] if r["arm"] == arm["name"]]
         n = min(len(e) for e in runs)  # all seeds of an arm evaluate at the same steps
         x = [statistics.fmean(e[i][x_key] for e in runs) for i in range(n)]
         losses = [[e[i]["val_loss"] for e in runs] for i in range(n)]
-        (line,) = ax.plot(x, [statistics.fmean(v) for v in losses], label=arm["name"], lw=1.5)
-        ax.fill_between(x, [min(v) for v in losses], [max(v) for v in losses], color=line.get_color(), alpha=0.2)
+        ax.plot(x, [statistics.fmean(v) for v in losses], label=arm["name"], lw=1.5, color=f"C{color}")
+        ax.fill_between(x, [min(v) for v in losses], [max(v) for v in losses], color=f"C{color}", alpha=0.2)
     ax.axhline(report["target_loss"], color="black", ls="--", lw=0.8, label=f"target {report['target_loss']:.4f}")
     finals = [r["final_val_loss"] for r in report["runs"]]
     ax.set_ylim(min(finals) - 0.1, max(finals) + 0.6)  # the interesting part: the approach to the target
@@ -46,16 +46,16 @@ def loss_curves(report: dict, x_key: str, x_label: str) -> bytes:
 
 
 def gains_per_layer(report: dict) -> bytes | None:
-    arms = [a for a in report["arms"] if a["stability"]["layer_gains"]]
+    arms = [(f"C{i}", a) for i, a in enumerate(report["arms"]) if a["stability"]["layer_gains"]]  # colors as above
     if not arms:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    values = [g[k] for a in arms for g in a["stability"]["layer_gains"] for k in ("forward_max", "backward_max")]
-    for arm in arms:
+    values = [g[k] for _, a in arms for g in a["stability"]["layer_gains"] for k in ("forward_max", "backward_max")]
+    for color, arm in arms:
         layers = arm["stability"]["layer_gains"]
         sites = range(1, len(layers) + 1)
-        (line,) = ax.plot(sites, [g["forward_max"] for g in layers], marker="o", label=f"{arm['name']} forward")
-        ax.plot(sites, [g["backward_max"] for g in layers], marker="x", ls="--", color=line.get_color(),
+        ax.plot(sites, [g["forward_max"] for g in layers], marker="o", color=color, label=f"{arm['name']} forward")
+        ax.plot(sites, [g["backward_max"] for g in layers], marker="x", ls="--", color=color,
                 label=f"{arm['name']} backward")  # fmt: skip
     ax.axhline(1.0, color="black", lw=0.8)
     if max(values) > 10 * min(values):  # HC's gains can grow by orders of magnitude; mHC's stay near 1

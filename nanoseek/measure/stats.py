@@ -7,7 +7,9 @@
   reached*: its curve is never extrapolated.
 * **Loss spike**: a step whose training loss exceeds the median of the previous ``SPIKE_WINDOW`` steps by more than
   ``SPIKE_RISE`` (relative), or is not finite. The median ignores single noisy batches; the first
-  ``SPIKE_WINDOW`` steps, where the loss falls fastest, have no window yet and are never counted.
+  ``SPIKE_WINDOW`` steps, where the loss falls fastest, have no window yet and are never counted. 30 %, because hard
+  batches alone reach +20 %: in the demo (16 × 128 bytes per step) the largest rise over the median was 1.20× and
+  it fell on the same steps in every arm of a seed (the same windows), i.e. data, not instability.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from scipy.stats import t as student_t
 
 SPIKE_WINDOW = 20
-SPIKE_RISE = 0.10
+SPIKE_RISE = 0.30
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
