@@ -389,19 +389,24 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key.strip(), value
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a ValueError naming the file (``what`` says its role)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid TOML: {err}") from None
+
+
 def load_run_config(
     files: list[str | Path] = (), overrides: list[str] = (), base: dict[str, Any] | None = None
 ) -> RunConfig:
     """Merge TOML files in order, then ``--set`` overrides, onto ``base`` and validate the result."""
     raw: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (base or {}).items()}
     for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        loaded = read_toml(path, "config file")
         for section, values in loaded.items():
             if isinstance(values, dict):
                 raw.setdefault(section, {}).update(values)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import nanoseek
-from nanoseek.config import RunConfig, parse_override, tomllib
+from nanoseek.config import RunConfig, parse_override, read_toml
 from nanoseek.measure.energy import DEFAULT_WATTS_PER_CORE
 from nanoseek.model import Transformer
 
@@ -144,12 +144,7 @@ def load_comparison(path: str | Path, base_overrides: list[str] = (), target_los
     """Read and validate a comparison file; ``base_overrides`` (--set) apply to the base, ``target_loss`` to
     [compare]. Every mistake is a ValueError naming it, raised before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"comparison file {str(path)!r} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"comparison file {str(path)!r} is not valid TOML: {err}") from None
+    raw = read_toml(path, "comparison file")
     unknown = set(raw) - {"compare", "base", "arms"}
     if unknown:
         raise ValueError(f"{path.name}: unknown table [{sorted(unknown)[0]}]; allowed: compare, base, arms")
