@@ -197,6 +197,8 @@ def test_fused_stream_functions_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: read_streams(*a, 1e-6), (x, h, w))
     assert torch.autograd.gradcheck(mix_streams, (x, h_res, h, y))
     assert torch.autograd.gradcheck(lambda v, p: rms_projection(v, p, 1e-6), (x.flatten(-2), phi))
+    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # HC's use: per stream, φ = Wᵀ (a view)
+    assert torch.autograd.gradcheck(lambda v, w: rms_projection(v, w.t(), 1e-6), (x, weight))
 
 
 def test_mixing_keeps_the_stream_dtype_and_computes_in_float32():

@@ -27,18 +27,14 @@ from nanoseek.config import ModelConfig
 # Sinkhorn-Knopp
 
 
-def _normalise(m: torch.Tensor, dim: int) -> torch.Tensor:
-    """m / m.sum(dim); the tiniest positive float in the denominator keeps a column of underflowed zeros (huge
-    logits) at zero instead of 0/0."""
-    return m / (m.sum(dim=dim, keepdim=True) + torch.finfo(m.dtype).tiny)
-
-
 def sinkhorn_unrolled(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
     """Reference Sinkhorn-Knopp on (..., n, n), straight from the definition, through plain autograd (which stores
     every iterate for backward)."""
+    tiny = torch.finfo(logits.dtype).tiny
     m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
     for _ in range(n_iters):
-        m = _normalise(_normalise(m, -2), -1)  # columns, then rows (done last, so exact)
+        for dim in (-2, -1):  # columns, then rows (done last, so exact)
+            m = m / (m.sum(dim=dim, keepdim=True) + tiny)
     return m
 
 
