@@ -26,7 +26,7 @@ from nanoseek.rl.evaluate import EvalResult, evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.rewards import render_prompt, render_target
 from nanoseek.rl.sft import sft_batch, sft_step, task_examples
-from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, start_metrics
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 from nanoseek.train.trainer import deferred_interrupt
 
@@ -93,11 +93,7 @@ class RunFolder:
         self.out, self.cfg = Path(out), cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
-        if resumed_step is not None and self.metrics.is_file():
-            keep = [ln for ln in self.metrics.read_text().splitlines() if json.loads(ln)["step"] <= resumed_step]
-            self.metrics.write_text("".join(line + "\n" for line in keep))
-        elif self.metrics.is_file():
-            self.metrics.unlink()
+        start_metrics(self.metrics, resumed_step)
 
     def write(self, record: dict[str, float]) -> None:
         with open(self.metrics, "a") as f:

@@ -73,6 +73,18 @@ def save_checkpoint(
     return final
 
 
+def start_metrics(path: Path, resumed_step: int | None) -> None:
+    """Prepare a run's metrics.jsonl: a fresh run starts it empty; a resumed one keeps the records up to the
+    checkpoint's step and drops those a killed run wrote after it, so every step appears exactly once."""
+    if not path.is_file():
+        return
+    if resumed_step is None:
+        path.unlink()
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders in ``run_dir``, oldest first (temporary folders are not listed)."""
     run_dir = Path(run_dir)

@@ -32,7 +32,7 @@ from nanoseek.measure.provenance import provenance
 from nanoseek.model import Transformer, moe_stats
 from nanoseek.model.diagnostics import residual_gains
 from nanoseek.train import distributed
-from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint, start_metrics
 from nanoseek.train.optim import build_optimizers, lr_factor, set_lr
 
 
@@ -119,12 +119,7 @@ class Trainer:
 
     def _start_run_folder(self, resumed: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.out_dir / "metrics.jsonl"
-        if resumed and metrics.is_file():  # drop records a killed run wrote after its last checkpoint
-            keep = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in keep))
-        elif metrics.is_file():
-            metrics.unlink()
+        start_metrics(self.out_dir / "metrics.jsonl", self.step if resumed else None)
         run = {
             "config": self.cfg.to_dict(),
             "data": self.data.metadata,
