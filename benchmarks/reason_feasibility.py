@@ -12,6 +12,7 @@ import json
 import time
 
 import torch
+from nanoseek.rl.sft import sft_batch, sft_step, task_examples
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.tasks import make_task
@@ -19,7 +20,6 @@ from nanoseek.data.tokenizer import ByteTokenizer
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
 from nanoseek.rl.rewards import default_rewards
-from nanoseek.rl.sft import sft_batch, sft_step, task_examples
 
 
 def main() -> None:

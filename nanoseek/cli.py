@@ -9,20 +9,20 @@ from pathlib import Path
 
 import nanoseek
 
-CONFIG_DIR = Path(nanoseek.__file__).resolve().parent.parent / "configs"
-
 EPILOG = """examples:
   nanoseek train --preset demo                       train the demo model on the embedded Python docs
   nanoseek train --preset tiny --set model.residual=mhc --out runs/mhc
+  nanoseek train --preset tiny --data my_texts/      train on your own text files (a file or a folder)
   nanoseek train --resume --out runs/mhc             continue the newest checkpoint in runs/mhc exactly
   torchrun --nproc_per_node=2 -m nanoseek train --preset tiny      data-parallel on 2 processes
   nanoseek sample --ckpt runs/demo --prompt "The with statement"
+  nanoseek config --preset demo                      every key of a config, with its value and what it means
   nanoseek compare --preset demo                     baseline vs hc vs mhc vs muon: compute, time, energy to reach
 """
 
 COMPARE_EPILOG = """The comparison file (TOML) has [compare] (seeds, baseline, budget, target_loss, watts_per_core,
 price_per_hour), the common base run config [base.model] / [base.data] / [base.train], and one table of overrides
-per arm, e.g. [arms.mhc] with model.residual = "mhc". See configs/compare/*.toml.
+per arm, e.g. [arms.mhc] with model.residual = "mhc". The shipped ones: nanoseek config --list.
 
 examples:
   nanoseek compare --preset smoke                    2 arms × 2 seeds, about a minute
@@ -32,52 +32,76 @@ examples:
 """
 
 
-def preset_path(name: str, kind: str = "") -> Path:
-    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
-    path = folder / f"{name}.toml"
-    if not path.is_file():
-        found = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
-        raise ValueError(f"--preset {name!r} not found in {folder}; available: {', '.join(found) or 'none'}")
-    return path
-
-
 def add_config_args(p: argparse.ArgumentParser, kind: str = "") -> None:
-    p.add_argument("--preset", help=f"a named config from configs/{kind} (e.g. tiny, demo)")
+    from nanoseek.config import preset_names
+
+    names = ", ".join(preset_names(kind)) or "none"
+    p.add_argument("--preset", help=f"a config shipped with nanoseek ({names})")
     p.add_argument("--config", action="append", default=[], metavar="FILE.toml", help="config file(s), merged in order")
     p.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one value, e.g. --set model.residual=mhc --set train.lr=1e-3 (repeatable)",
+        help="override one value, e.g. --set model.residual=mhc --set train.lr=1e-3 (repeatable; "
+        "`nanoseek config` lists every key)",
     )
 
 
 def _config_files(args: argparse.Namespace, kind: str = "") -> list[Path]:
+    from nanoseek.config import preset_path
+
     return ([preset_path(args.preset, kind)] if args.preset else []) + [Path(c) for c in args.config]
 
 
+def _data_override(args: argparse.Namespace) -> list[str]:
+    """--data PATH as the override data.source (quoted as a TOML string, so any path works)."""
+    if getattr(args, "data", None) is None:
+        return []
+    return [f"data.source={json.dumps(str(args.data))}"]
+
+
+def _observers(cfg) -> dict:
+    """What measure/ hands to the engine: the energy meter and the provenance of the run."""
+    import torch
+
+    from nanoseek.measure.energy import select_meter
+    from nanoseek.measure.provenance import provenance
+
+    want = cfg.train.device
+    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    return {"meter": select_meter(device), "info": {"provenance": provenance()}}
+
+
+def _exit_code(summary: dict) -> int:
+    """0 for a run that reached its steps or its time budget; 130 / 143 (as shells expect) when a signal stopped it."""
+    if summary.get("stop_reason") != "interrupted":
+        return 0
+    return 143 if summary.get("signal") == "SIGTERM" else 130
+
+
+def _report(summary: dict) -> int:
+    from nanoseek.train.distributed import setup
+
+    if setup("cpu").main:
+        print(json.dumps(summary, indent=1))
+    return _exit_code(summary)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from nanoseek.config import load_run_config
-    from nanoseek.train.checkpoint import list_checkpoints
-    from nanoseek.train.trainer import Trainer
+    from nanoseek.config import checkpoint_config, load_run_config
+    from nanoseek.train.pretrain import pretrain
 
     out = Path(args.out or f"runs/{args.preset or 'run'}")
-    resume = None
     if args.resume:
-        resume = out if args.resume is True else Path(args.resume)
-        if args.preset or args.config:
-            raise ValueError("--resume takes its config from the checkpoint; pass only --set overrides with it")
-        cfg = None
+        if args.preset or args.config or args.data:
+            raise ValueError("--resume takes its config and data from the checkpoint; pass only --set overrides")
+        out = out if args.resume is True else Path(args.resume)
+        cfg = checkpoint_config(out, args.set)
     else:
-        if list_checkpoints(out):
-            raise ValueError(f"{out} already holds checkpoints; continue it with --resume, or choose another --out")
-        cfg = load_run_config(_config_files(args), args.set)
-    trainer = Trainer(cfg, out, resume=resume, overrides=args.set if resume else (), progress=not args.no_progress)
-    summary = trainer.run()
-    if trainer.dist.main:
-        print(json.dumps(summary, indent=1))
-    return 0
+        cfg = load_run_config(_config_files(args), _data_override(args) + args.set)
+    summary = pretrain(cfg, out, resume=bool(args.resume), progress=not args.no_progress, **_observers(cfg))
+    return _report(summary)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -92,70 +116,82 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from nanoseek.config import DataConfig
+    from nanoseek.config import preset_names
+    from nanoseek.data.config import DataConfig
     from nanoseek.data.loader import load_token_data
     from nanoseek.measure.provenance import provenance
 
     info = provenance()
     data = load_token_data(DataConfig(source=args.data), seq_len=1)
     info["corpus"] = data.metadata
-    info["presets"] = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
+    info["presets"] = {kind or "train": preset_names(kind) for kind in ("", "sft", "grpo", "compare")}
     print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from nanoseek.config import describe, load_run_config, preset_names
+
+    if args.list:
+        for kind in ("", "sft", "grpo", "compare"):
+            print(f"{kind or 'train'}: {', '.join(preset_names(kind))}")
+        return 0
+    kind, _, name = (args.preset or "").rpartition("/")
+    args.preset = name or None
+    extra = ["task.name='arithmetic'", "grpo.mu=1"] if args.all else []
+    cfg = load_run_config(_config_files(args, kind), extra + _data_override(args) + args.set)
+    print(describe(cfg))
     return 0
 
 
 def _stage_config(args: argparse.Namespace, kind: str):
     """Config of an sft / grpo run: on --resume the checkpoint's (plus --set); else preset and --config files, then
     --task and --set, with the [model] and [data] of --init's checkpoint, which the weights must match."""
-    from nanoseek.config import load_run_config
-    from nanoseek.train.checkpoint import load_checkpoint
+    from nanoseek.config import checkpoint_config, load_run_config
 
     overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
     if args.resume:
         if args.preset or args.config or args.init:
             raise ValueError("--resume takes its config and weights from --out; pass only --set overrides with it")
-        return load_checkpoint(args.out, overrides)[1]
+        return checkpoint_config(args.out, overrides)
     if args.init is None:
         return load_run_config(_config_files(args, kind), overrides)
     if any(o.strip().startswith(("model.", "data.")) for o in args.set):
         raise ValueError("--set model.* / data.* cannot change a model loaded with --init")
-    _, init_cfg, _, _ = load_checkpoint(args.init)
-    base = {k: v for k, v in init_cfg.to_dict().items() if k not in ("model", "data")}
+    init = checkpoint_config(args.init)
+    base = {k: v for k, v in init.to_dict().items() if k not in ("model", "data")}
     cfg = load_run_config(_config_files(args, kind), overrides, base=base)
-    cfg.model, cfg.data = init_cfg.model, init_cfg.data
+    cfg.model, cfg.data = init.model, init.data
     return cfg
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from nanoseek.rl.run import run_sft
+    from nanoseek.rl.stages import run_sft
 
     cfg = _stage_config(args, "sft")
-    print(json.dumps(run_sft(cfg, args.out, init=args.init, resume=args.resume, progress=not args.no_progress)))
-    return 0
+    options = {"progress": not args.no_progress, **_observers(cfg)}
+    return _report(run_sft(cfg, args.out, init=args.init, resume=args.resume, **options))
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    from nanoseek.rl.run import run_grpo
+    from nanoseek.rl.stages import run_grpo
 
     cfg = _stage_config(args, "grpo")
-    print(json.dumps(run_grpo(cfg, args.out, init=args.init, resume=args.resume, progress=not args.no_progress)))
-    return 0
+    options = {"progress": not args.no_progress, **_observers(cfg)}
+    return _report(run_grpo(cfg, args.out, init=args.init, resume=args.resume, **options))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from nanoseek.config import load_run_config
-    from nanoseek.rl.run import run_eval
-    from nanoseek.train.checkpoint import load_checkpoint
+    from nanoseek.config import checkpoint_config, load_run_config
+    from nanoseek.rl.stages import run_eval
 
     task = None
     if args.task or args.set:
-        _, cfg, _, _ = load_checkpoint(args.ckpt)
-        base = {"task": asdict(cfg.task)} if cfg.task is not None and not args.task else {}
-        overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
         if any(not o.strip().startswith("task.") for o in args.set):
             raise ValueError("eval takes only --set task.KEY=VALUE overrides")
+        cfg = checkpoint_config(args.ckpt)
+        base = {"task": cfg.to_dict()["task"]} if cfg.task is not None and not args.task else {}
+        overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
         task = load_run_config([], overrides, base=base).task
     result = run_eval(args.ckpt, task=task, n=args.n, samples=args.samples, seed=args.seed)
     if args.json:
@@ -174,6 +210,7 @@ def _add_stage_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from nanoseek.config import preset_path
     from nanoseek.measure.arms import load_comparison
     from nanoseek.measure.compare import run_comparison
     from nanoseek.measure.report import render_headline
@@ -181,17 +218,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if bool(args.preset) == bool(args.config):
         raise ValueError("give exactly one of --preset NAME or --config FILE.toml")
     path = preset_path(args.preset, "compare") if args.preset else Path(args.config)
-    comparison = load_comparison(path, args.set, args.target_loss)
+    comparison = load_comparison(path, _data_override(args) + args.set, args.target_loss)
     out = Path(args.out or f"runs/compare-{comparison.name}")
-    try:
-        report = run_comparison(comparison, out, report_only=args.report_only, progress=not args.no_progress)
-    except KeyboardInterrupt:  # between runs or while writing the report: every finished run is cached
-        report = None
+    report = run_comparison(comparison, out, report_only=args.report_only, progress=not args.no_progress)
     if report is None:
         print("nanoseek compare: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     print(render_headline(report))
     print(f"full report: {out / 'report.md'} (and report.json, plots, every run in {out / 'runs'})")
+    return 0
+
+
+def cmd_reason_demo(args: argparse.Namespace) -> int:
+    from nanoseek.rl.demo import run_demo
+
+    run_demo(Path(args.out), args.seeds, args.n, args.samples, progress=not args.no_progress)
     return 0
 
 
@@ -214,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
+    p.add_argument("--data", metavar="PATH", help="train on this text file or folder of text files (= data.source)")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument(
         "--resume",
@@ -239,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sft",
         help="supervised cold start on a reasoning task",
         description="Supervised fine-tuning on a task's train split (prompt + ideal think/answer completion, loss on "
-        "the completion only), from --init CKPT or from scratch (a fresh model from [model]). Steps, batch and lr "
-        "schedule come from [train], the task from [task] / --task, the template from [grpo].",
+        "the completion only), from --init CKPT or from scratch (a fresh model from [model]). Steps, batch, lr "
+        "schedule, precision and everything else the engine does come from [train]; the task, its prompt template "
+        "and token budget from [task] / --task. Evaluations log held-out loss and greedy accuracy.",
         epilog="examples:\n  nanoseek sft --preset demo --out runs/sft\n"
         "  nanoseek sft --init runs/pretrained --task arithmetic --set train.steps=500 --out runs/sft",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,10 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "grpo",
         help="reinforcement learning with GRPO and its variants",
-        description="GRPO (DESIGN.md §5) from --init CKPT: per step, sample [grpo].group_size completions for each of "
-        "prompts_per_step training problems, reward them by rule, update. train.steps steps at constant train.lr. "
-        "Per-step metrics in metrics.jsonl: reward mean/std, accuracy, format rate, completion length, KL, clip "
-        "fraction, zero-variance fraction, entropy, generation and training tokens/s.",
+        description="GRPO (DESIGN.md §5) from --init CKPT: per step, sample grpo.group_size completions for each of "
+        "train.batch_size × train.grad_accum training problems, reward them by rule, make grpo.mu updates on the "
+        "engine ([train]: optimizer, lr schedule — the demo preset's is constant — clipping, bf16, ...). Per-step "
+        "metrics in metrics.jsonl: reward mean/std, accuracy, format rate, completion length, KL, clip fraction, "
+        "zero-variance fraction, entropy, generation and training tokens/s; held-out greedy accuracy at every "
+        "evaluation.",
         epilog="examples:\n  nanoseek grpo --init runs/sft --preset demo --out runs/grpo\n"
         "  nanoseek grpo --init runs/sft --task arithmetic --set grpo.loss_type=dapo --set grpo.epsilon_high=0.28 "
         "--out runs/dapo\n  nanoseek grpo --resume --out runs/grpo",
@@ -289,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", help="a comparison from configs/compare (smoke, demo)")
+    p.add_argument("--preset", help="a comparison shipped with nanoseek (smoke, demo, recipe)")
     p.add_argument("--config", metavar="FILE.toml", help="a comparison file")
+    p.add_argument("--data", metavar="PATH", help="every arm trains on this text file or folder (= data.source)")
     p.add_argument(
         "--set",
         action="append",
@@ -306,7 +352,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished run only)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("info", help="machine, versions and corpus statistics")
+    p = sub.add_parser(
+        "config",
+        help="print a resolved config with every key's meaning",
+        description="Print the config a preset (and --config files, --set overrides) resolves to, as TOML, every key "
+        "preceded by its docstring. Stage presets are named with their folder: sft/demo, grpo/demo.",
+        epilog="examples:\n  nanoseek config --preset demo\n  nanoseek config --preset grpo/demo --set grpo.mu=2\n"
+        "  nanoseek config --all            the defaults of every section, [task] and [grpo] included\n"
+        "  nanoseek config --list           the shipped presets",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("--data", metavar="PATH", help="= data.source")
+    p.add_argument("--all", action="store_true", help="include the [task] and [grpo] sections")
+    p.add_argument("--list", action="store_true", help="list the shipped presets")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "reason-demo",
+        help="SFT cold start, then GRPO against an extra-SFT control, 3 seeds (make reason-demo)",
+        description="For each seed: SFT a tiny model from scratch (preset sft/demo), evaluate it, then from that "
+        "checkpoint GRPO (preset grpo/demo) and, as the control, as many extra SFT steps; evaluate both. Prints a "
+        "table with 95%% Wilson intervals.",
+    )
+    p.add_argument("--out", default="runs/reason-demo", help="output folder (default runs/reason-demo)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--n", type=int, default=200, help="held-out test problems per evaluation")
+    p.add_argument("--samples", type=int, default=4, help="samples per problem for pass@1 sampled and maj@k")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reason_demo)
+
+    p = sub.add_parser("info", help="machine, versions, presets and corpus statistics")
     p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")
     p.set_defaults(func=cmd_info)
     return parser
@@ -315,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nanoseek.train.checkpoint import CheckpointError
-    from nanoseek.train.trainer import TrainingError
+    from nanoseek.train.engine import TrainingError
 
     try:
         return args.func(args)
@@ -325,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as err:
         print(f"nanoseek {args.command}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C outside a step loop, or a second one inside it
+        print(f"nanoseek {args.command}: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

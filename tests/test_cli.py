@@ -21,12 +21,12 @@ def run_cli(*args, timeout=120, **kwargs):
 
 
 def test_help_explains_every_subcommand(capsys):
-    for command in ("train", "sample", "info"):
+    for command in ("train", "sample", "info", "config", "reason-demo"):
         with pytest.raises(SystemExit) as done:
             main([command, "--help"])
         assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "--set SECTION.KEY=VALUE" in out and "--resume" in out and "--max-new-tokens" in out
+    assert "--set SECTION.KEY=VALUE" in out and "--resume" in out and "--max-new-tokens" in out and "--data" in out
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,8 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert "already holds checkpoints; continue it with --resume" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_as_shells_expect(tmp_path, sig, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanoseek", "train", *TINY, "--out", str(tmp_path), "--set", "train.steps=100000"],
@@ -65,11 +66,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+    assert proc.returncode == code, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted" and 3 <= summary["step"] < 100000
+    assert summary["signal"] == sig.name
     assert (tmp_path / f"ckpt-{summary['step']:07d}" / "meta.json").is_file()
     assert "continue with --resume" in err
 
@@ -99,13 +101,12 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
 
 
 def test_every_preset_is_a_valid_config():
-    from nanoseek.cli import CONFIG_DIR
-    from nanoseek.config import load_run_config
+    from nanoseek.config import load_run_config, preset_names, preset_path
 
-    presets = sorted(CONFIG_DIR.glob("*.toml"))
-    assert {p.stem for p in presets} >= {"tiny", "demo", "gpu-small"}
-    for path in presets:
-        load_run_config([path])
+    assert set(preset_names()) >= {"tiny", "demo", "gpu-small"}
+    for kind in ("", "sft", "grpo"):
+        for name in preset_names(kind):
+            load_run_config([preset_path(name, kind)])
 
 
 def test_sample_greedy_with_and_without_cache_gives_the_same_text(tmp_path, capsys):

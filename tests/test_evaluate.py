@@ -65,9 +65,14 @@ def test_pass_at_1_and_maj_at_k_count_as_defined(monkeypatch):
 
 
 def test_evaluate_runs_a_real_model_end_to_end():
+    """An untrained model with an 8-token budget cannot even write "</think><answer>" (16 bytes): every metric is
+    exactly 0 with the Wilson interval of 0 out of 6, and every greedy completion runs to the budget."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=64))
-    r = ev.evaluate(model, ByteTokenizer(), make_task("arithmetic"), n=6, samples=2, max_new_tokens=8, n_examples=2)
+    task = make_task("arithmetic")
+    task.max_new_tokens = 8
+    r = ev.evaluate(model, ByteTokenizer(), task, n=6, samples=2, n_examples=2)
     for est in (r.greedy, r.sampled, r.majority):
-        assert 0.0 <= est.low <= est.value <= est.high <= 1.0
-    assert len(r.examples) == 2 and r.examples[0]["question"] == make_task("arithmetic").problems("test", 1)[0].question
+        assert (est.value, est.low) == (0.0, 0.0) and est.high == pytest.approx(ev.wilson_interval(0.0, 6)[1])
+    assert r.greedy_format == 0.0 and r.greedy_length == 8.0
+    assert len(r.examples) == 2 and r.examples[0]["question"] == task.problems("test", 1)[0].question

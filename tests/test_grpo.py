@@ -9,8 +9,10 @@ import torch
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.tasks import make_task
 from nanoseek.data.tokenizer import ByteTokenizer
-from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, k3_kl, zero_variance_groups
+from nanoseek.rl.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, k3_kl, zero_variance_groups
 from nanoseek.rl.rollout import token_logprobs
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.engine import Engine
 
 TINY = ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=64)
 LN2 = math.log(2)
@@ -26,13 +28,16 @@ def first_char_parity_unless_even_target(prompts, completions, target, **_):
     return [1.0 if t % 2 == 0 else float(ord(c[0]) % 2 if c else 0) for c, t in zip(completions, target, strict=True)]
 
 
-def trainer(seed=0, rewards=None, lr=1e-2, optimizer=torch.optim.AdamW, **cfg):
+def trainer(seed=0, rewards=None, lr=1e-2, batch_size=4, grad_accum=1, optimizer="adamw", task=None, **cfg):
+    """A GRPO stage on the engine: batch_size × grad_accum prompts per step, 8-token completions."""
     torch.manual_seed(seed)
-    model = Transformer(TINY)
-    opt = optimizer(model.parameters(), lr=lr)
-    cfg = GRPOConfig(**{"max_new_tokens": 8, "seed": seed, **cfg})
-    task = make_task("arithmetic", digits=1)
-    return GRPOTrainer(model, opt, ByteTokenizer(), task, cfg, rewards or {"ascii": (ascii_share, 1.0)})
+    train = TrainConfig(lr=lr, weight_decay=0.0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+                        optimizer=optimizer, warmup_steps=0, schedule="constant")  # fmt: skip
+    engine = Engine(Transformer(TINY), train, log=lambda message: None)
+    if task is None:
+        task = make_task("arithmetic", digits=1)
+        task.max_new_tokens = 8
+    return GRPO(engine, ByteTokenizer(), task, GRPOConfig(**cfg), rewards or {"ascii": (ascii_share, 1.0)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,7 +162,6 @@ def test_dynamic_sampling_drops_exactly_the_zero_variance_groups():
     t = trainer(
         rewards={"r": (first_char_parity_unless_even_target, 1.0)},
         dynamic_sampling=True,
-        prompts_per_step=4,
         max_refill_rounds=5,
     )
     sampled, kept = t.collect()
@@ -178,27 +182,33 @@ def test_dynamic_sampling_drops_exactly_the_zero_variance_groups():
 
 
 def test_without_dynamic_sampling_zero_variance_groups_are_kept_with_zero_advantage():
-    t = trainer(
-        optimizer=torch.optim.SGD, rewards={"r": (lambda prompts, completions, **_: [1.0] * len(completions), 1.0)}
-    )
+    t = trainer(rewards={"r": (lambda prompts, completions, **_: [1.0] * len(completions), 1.0)})
     before = [p.detach().clone() for p in t.model.parameters()]
     metrics = t.step()
     assert metrics["zero_variance_frac"] == 1.0 and metrics["groups_kept"] == 4
-    assert metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+    assert metrics["train_loss"] == 0.0 and metrics["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
-def test_micro_batches_give_the_same_update_as_the_whole_batch(loss_type):
+def test_micro_batches_give_the_same_gradient_as_the_whole_batch(loss_type):
+    """4 prompts as one micro-batch, or as train.grad_accum=4 micro-batches of one group: the same rollout (same
+    problems, same sampling stream) and, since every micro-batch loss uses the whole batch's normalisers, the same
+    gradient (compared just before the optimizer step) and the same metrics."""
     runs = []
-    for micro in (0, 3):
-        t = trainer(optimizer=torch.optim.SGD, lr=0.5, loss_type=loss_type, micro_batch_size=micro, beta=0.05)
-        sampled, kept = t.collect()
-        metrics = t.update(kept[0])
-        runs.append(([p.detach().clone() for p in t.model.parameters()], metrics))
+    for batch_size, grad_accum in ((4, 1), (1, 4)):
+        t = trainer(batch_size=batch_size, grad_accum=grad_accum, loss_type=loss_type, beta=0.05)
+        grads = []
+
+        def keep(opt, args, kwargs, t=t, grads=grads):
+            grads.append([p.grad.clone() for p in t.model.parameters()])
+
+        t.engine.optimizers[0].register_step_pre_hook(keep)
+        metrics = t.step()
+        runs.append((grads[0], metrics))
     for a, b in zip(runs[0][0], runs[1][0], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for key in ("loss", "kl", "entropy", "clip_fraction"):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    for key in ("train_loss", "kl", "entropy", "clip_fraction", "grad_norm", "reward_mean"):
         assert runs[0][1][key] == pytest.approx(runs[1][1][key], rel=1e-4, abs=1e-7)
 
 
@@ -226,12 +236,12 @@ def test_exact_resume_from_state_dicts():
     for _ in range(2):
         a.step()
     state = {k: v.clone() for k, v in a.state_dict().items()}
-    saved = (copy.deepcopy(a.model.state_dict()), copy.deepcopy(a.optimizer.state_dict()), state)
+    weights, optimizers = a.engine.state()
+    saved = (copy.deepcopy(weights), copy.deepcopy(optimizers), state)
     expected = a.step()
     b = trainer(**cfg)
-    b.generator.manual_seed(123)  # a fresh trainer whose weights, optimizer and RNG must all come from the state
-    b.model.load_state_dict(saved[0])
-    b.optimizer.load_state_dict(saved[1])
+    b.generator.manual_seed(123)  # a fresh stage whose weights, optimizer and RNG must all come from the state
+    b.engine.load_state(saved[0], saved[1])
     b.load_state_dict(saved[2])
     got = b.step()
     timing = ("gen_tokens_per_s", "train_tokens_per_s")
@@ -256,13 +266,24 @@ def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():
         (dict(top_p=1.5), "top_p"),
         (dict(beta=-0.1), "beta"),
         (dict(mu=0), "mu"),
-        (dict(template="no placeholder"), "template"),
-        (dict(overlong_buffer=100, max_new_tokens=64), "overlong_buffer"),
         (dict(epsilon_low=1.0), "epsilon_low"),
-        (dict(stop="</answer>"), "stop"),
-        (dict(stop=("",)), "stop"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"{field}=.* is invalid"):
         GRPOConfig(**kwargs)
+
+
+def test_an_overlong_buffer_longer_than_the_task_budget_is_refused():
+    with pytest.raises(ValueError, match="grpo.overlong_buffer=100 is invalid: expected at most task.max_new_tokens=8"):
+        trainer(overlong_buffer=100)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_a_batch_without_completion_tokens_has_zero_loss_and_zero_gradient(loss_type):
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.zeros(2, 3, dtype=torch.bool),
+                            loss_type=loss_type, beta=0.1, ref_logp=torch.zeros(2, 3))  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(2, 3))
+    assert stats["clip_fraction"].item() == 0.0 and stats["kl"].item() == 0.0

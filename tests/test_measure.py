@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 
-from nanoseek.config import load_run_config
+from nanoseek.config import checkpoint_config, load_run_config
 from nanoseek.measure import energy
 from nanoseek.measure.stats import diff_ci, first_reach, loss_spikes, mean_ci
-from nanoseek.train.trainer import Trainer
+from nanoseek.train.pretrain import pretrain
 
 # ---------------------------------------------------------------------------------------------------------------------
 # meters
@@ -100,13 +100,13 @@ def test_trainer_meters_only_timed_steps_and_resumes_the_count(text_file, tmp_pa
     base += ["train.steps=6", "train.warmup_steps=2", "train.eval_every=3", "train.eval_batches=2", "train.threads=1"]
     cfg = load_run_config([], [*base, f"data.source={json.dumps(str(text_file))}"])
     seen = []
-    Trainer(cfg, tmp_path, progress=False, meter=CountingMeter(), callback=seen.append).run(until=4)
+    pretrain(cfg, tmp_path, progress=False, meter=CountingMeter(), callback=seen.append, until=4)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # step 1 is the untimed warm-up; each later step is one start/stop pair = 1 J; evaluations are not metered
     assert [r["energy_j"] for r in records] == [0.0, 1.0, 2.0, 3.0]
     assert seen == records
     assert json.loads((tmp_path / "run.json").read_text())["energy"] == {"method": "measured", "source": "test"}
-    summary = Trainer(None, tmp_path, resume=tmp_path, progress=False, meter=CountingMeter()).run()
+    summary = pretrain(checkpoint_config(tmp_path), tmp_path, resume=True, progress=False, meter=CountingMeter())
     assert summary["energy_j"] == 4.0  # 3 J before the checkpoint at step 4, then step 5 is warm-up and step 6 1 J
 
 

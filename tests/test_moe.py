@@ -17,7 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanoseek import KVCache, ModelConfig, Transformer
 from nanoseek.model.ffn import SwiGLU
-from nanoseek.model.moe import MoE, moe_stats, sequence_balance_loss, update_biases
+from nanoseek.model.moe import MoE, moe_stats, sequence_balance_loss
+from nanoseek.train.distributed import Dist
+from nanoseek.train.engine import balance_experts
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=24)
 MOE = dict(SMALL, ffn="moe", n_routed_experts=8, top_k=2, n_shared_experts=1)
@@ -181,7 +183,7 @@ def test_loads_are_counted_in_training_only_and_bias_update_follows_the_sign_rul
     chosen = moe.route(x)[1]
     load = 2 * torch.bincount(chosen.flatten(), minlength=8)
     assert torch.equal(moe.load, load) and load.sum() == 2 * 20 * 2
-    update_biases([moe])
+    moe.update_bias(moe.load)
     expected = 0.01 * torch.sign(load.double().mean() - load.double())
     torch.testing.assert_close(moe.expert_bias, expected.float())
     assert moe.load.sum() == 0
@@ -191,11 +193,29 @@ def test_loads_are_counted_in_training_only_and_bias_update_follows_the_sign_rul
     assert stats["moe_max_violation"] == stats["moe_layer0_max_violation"]
 
 
+def test_padding_is_neither_counted_nor_part_of_the_balance_loss():
+    moe = layer(bias_update_rate=0.01, seq_aux_loss=0.1, moe_dispatch="loop")
+    x = torch.randn(2, 6, 32)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])  # the second row ends with 2 padding tokens
+    moe.train()(x, valid=valid)
+    chosen = moe.route(x)[1]
+    assert torch.equal(moe.load, torch.bincount(chosen[valid].flatten(), minlength=8)) and moe.load.sum() == 20
+    # the loss equals the mean of each sequence's loss over its real tokens only
+    affinity = moe.route(x)[2]
+    rows = [sequence_balance_loss(affinity[i : i + 1, :n], chosen[i : i + 1, :n], 0.1) for i, n in ((0, 6), (1, 4))]
+    torch.testing.assert_close(moe.aux_loss, (rows[0] + rows[1]) / 2)
+    padded = torch.cat([x[1:, :4], torch.randn(1, 2, 32) * 100], dim=1)  # garbage in the padding changes nothing
+    moe.load.zero_()
+    moe(padded, valid=valid[1:])
+    torch.testing.assert_close(moe.aux_loss, rows[1])
+    assert moe.load.sum() == 8
+
+
 def test_half_precision_bias_is_a_clear_error():
     moe = layer(torch.bfloat16, moe_dispatch="loop")
     moe(torch.randn(1, 4, 32, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="expert_bias dtype=torch.bfloat16 is invalid"):
-        update_biases([moe])
+        moe.update_bias(moe.load)
 
 
 def max_violation(moe: MoE, x: torch.Tensor) -> float:
@@ -218,7 +238,7 @@ def test_bias_update_balances_a_skewed_router(gamma):
     for _ in range(300):
         with torch.no_grad():
             moe(torch.randn(4, 256, 32, generator=g) + 0.5)
-        update_biases([moe])
+        moe.update_bias(moe.load)
     after = max_violation(moe, held_out)
     assert before > 2.0
     if gamma:
@@ -234,7 +254,7 @@ def test_checkpoint_round_trip_keeps_biases(tmp_path):
     model = Transformer(cfg)
     idx = torch.randint(0, 64, (2, 16))
     model(idx, idx)
-    model.after_optimizer_step()
+    balance_experts(model, Dist())
     biases = [m.expert_bias.clone() for m in model.moe_layers()]
     assert all(b.abs().sum() > 0 for b in biases)
     save_file(model.state_dict(), tmp_path / "model.safetensors")
@@ -264,7 +284,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         opt.step()
         opt.zero_grad()
         local.append(torch.stack([m.load.clone() for m in model.moe_layers()]))
-        model.after_optimizer_step()
+        balance_experts(model, Dist(rank=rank, world=2))  # the engine's post-step hook: loads summed over ranks
     torch.save({"bias": [m.expert_bias for m in model.moe_layers()], "local": local}, f"{out}/{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -4,17 +4,15 @@ import math
 
 import pytest
 
-from nanoseek.data.tasks import make_task
+from nanoseek.data.tasks import TaskConfig, make_task
+from nanoseek.data.templates import TEMPLATES, render_prompt, render_target
 from nanoseek.rl.rewards import (
-    TEMPLATES,
     accuracy_reward,
     default_rewards,
     extract_answer,
     format_ok,
     format_reward,
     overlong_reward,
-    render_prompt,
-    render_target,
     score,
 )
 
@@ -153,3 +151,21 @@ def test_overlong_penalty_ramps_from_zero_to_minus_one_over_the_buffer():
     assert f([""] * 5, [""] * 5, completion_tokens=lengths) == [0.0, 0.0, -0.25, -0.5, -1.0]
     with pytest.raises(ValueError, match="overlong_buffer=0"):
         overlong_reward(64, 0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"template": "no placeholder"}, "template='no placeholder' is invalid"),
+        ({"stop": "</answer>"}, "stop='</answer>' is invalid"),
+        ({"stop": ("",)}, r"stop=\('',\) is invalid"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0 is invalid"),
+    ],
+)
+def test_the_task_section_owns_template_budget_and_stop_strings(options, message):
+    with pytest.raises(ValueError, match=message):
+        TaskConfig(**options)
+    task = TaskConfig(template="r1_zero", max_new_tokens=99, stop=("</answer>", "\n\n")).build()
+    assert (task.template, task.max_new_tokens, task.stop) == ("r1_zero", 99, ("</answer>", "\n\n"))
+    p = task.problem("test", 0, 0)
+    assert task.prompt(p) == render_prompt("r1_zero", p.question)

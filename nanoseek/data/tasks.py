@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from nanoseek.config import require
 from nanoseek.data.expression import ExpressionError, parse_expression
+from nanoseek.data.templates import check_template, render_prompt
+from nanoseek.schema import require, require_int
 
 SPLITS = ("train", "test")
 MAX_ANSWER_CHARS = 64  # longer answers are wrong without being parsed (no 10**10**10-sized integers)
@@ -57,10 +58,20 @@ class Problem:
 
 
 class Task:
-    """Base class: subclasses implement ``generate`` and ``verify``; ``key`` and ``canonical`` are optional."""
+    """Base class: subclasses implement ``generate`` and ``verify``; ``key`` and ``canonical`` are optional.
+
+    How a problem is put to a model is the task's too (``TaskConfig`` sets it): the prompt ``template``, the token
+    budget of a completion ``max_new_tokens`` and the ``stop`` strings that end one."""
 
     name = "task"
     test_fraction = 0.1
+    template = "compact"
+    max_new_tokens = 64
+    stop: tuple[str, ...] = ("</answer>",)
+
+    def prompt(self, problem: Problem) -> str:
+        """The prompt a model sees for ``problem``."""
+        return render_prompt(self.template, problem.question)
 
     def generate(self, rng: random.Random) -> Problem:
         raise NotImplementedError
@@ -90,8 +101,9 @@ class Task:
                 return candidate
         raise ValueError(f"task {self.name!r} drew no {split} problem in 10000 attempts (test_fraction too extreme?)")
 
-    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
-        """``n`` distinct problems of ``split`` (the evaluation set); a clear error if the task has fewer."""
+    def problems(self, split: str, n: int, seed: int = 0, allow_fewer: bool = False) -> list[Problem]:
+        """``n`` distinct problems of ``split`` (the evaluation set); when the task has fewer, a clear error — or,
+        with ``allow_fewer``, all it has."""
         require(isinstance(n, int) and n >= 1, "n", n, "expected an integer >= 1")
         seen: dict[str, Problem] = {}
         for index in range(20 * n + 1000):
@@ -99,6 +111,8 @@ class Task:
             seen.setdefault(self.key(p), p)
             if len(seen) == n:
                 return list(seen.values())
+        if allow_fewer and seen:
+            return list(seen.values())
         raise ValueError(f"n={n} is invalid: task {self.name!r} has only about {len(seen)} distinct {split} problems")
 
 
@@ -119,8 +133,8 @@ def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
 
 @dataclass
 class TaskConfig:
-    """The [task] section of a run config: which task and its options (the prompt template is grpo.template).
-    Each task reads only the options its constructor takes (arithmetic: digits, operators, n_operands; countdown:
+    """The [task] section of a run config: which task, its options, and how a problem is put to the model. Each
+    task reads only the options its constructor takes (arithmetic: digits, operators, n_operands; countdown:
     n_numbers, max_number, max_target); the others are ignored."""
 
     name: str = "arithmetic"
@@ -137,14 +151,28 @@ class TaskConfig:
     """countdown: largest number given."""
     max_target: int = 100
     """countdown: largest target."""
+    template: str = "compact"
+    """Prompt template: a name in nanoseek.data.templates.TEMPLATES (compact, r1_zero) or a string containing
+    {question}. SFT, GRPO, evaluation and serving all use it."""
+    max_new_tokens: int = 64
+    """Longest completion generated for a problem (GRPO rollouts, evaluation); generation stops earlier at a stop
+    string or end-of-text."""
+    stop: tuple[str, ...] = ("</answer>",)
+    """Stop strings that end a completion (kept in it)."""
 
     def __post_init__(self) -> None:
+        check_template(self.template)
+        require_int("max_new_tokens", self.max_new_tokens, 1, 1_000_000)
+        stops_ok = isinstance(self.stop, (list, tuple)) and all(isinstance(x, str) and x for x in self.stop)
+        require(stops_ok, "stop", self.stop, "expected a list of non-empty strings")
         self.build()  # validates the name and the options the task uses
 
     def build(self) -> Task:
         require(self.name in TASKS, "name", self.name, f"expected one of {', '.join(sorted(TASKS))}")
         accepted = inspect.signature(TASKS[self.name]).parameters
-        return make_task(self.name, **{k: v for k, v in asdict(self).items() if k in accepted})
+        task = make_task(self.name, **{k: v for k, v in asdict(self).items() if k in accepted})
+        task.template, task.max_new_tokens, task.stop = self.template, self.max_new_tokens, tuple(self.stop)
+        return task
 
 
 def make_task(name: str, **options: Any) -> Task:

@@ -19,10 +19,6 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_bytes(self, data: bytes) -> list[int]:
-        """Raw bytes, valid UTF-8 or not, are already tokens."""
-        return list(data)
-
     def decode(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 

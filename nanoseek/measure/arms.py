@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 import nanoseek
-from nanoseek.config import RunConfig, parse_override, read_toml
+from nanoseek.config import RunConfig
 from nanoseek.measure.energy import DEFAULT_WATTS_PER_CORE
 from nanoseek.model import Transformer
+from nanoseek.schema import parse_override, read_toml
 
 BUDGETS = ("tokens", "flops")
 COMPARE_KEYS = ("seeds", "baseline", "budget", "target_loss", "watts_per_core", "price_per_hour")
@@ -51,7 +52,7 @@ DEFAULT_PRICE_PER_HOUR = {"cpu": 0.10, "cuda": 2.00}
 cpu: roughly the on-demand price of a 2-vCPU cloud machine (the 'device' is the whole machine)."""
 
 # The sources that decide what a run computes; report and CLI code may change without invalidating cached runs.
-TRAINING_CODE = ("config.py", "model", "data", "train", "measure/energy.py")
+TRAINING_CODE = ("config.py", "schema.py", "model", "data", "train", "measure/energy.py")
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

@@ -4,7 +4,7 @@ Each run lives in ``OUT/runs/<arm>-seed<k>-<hash12>``, the hash covering its ful
 torch version (arms.py), so a changed config or code trains afresh while an unchanged one is reused:
 
 * finished (summary.json with stop_reason 'steps' at the configured step count): skipped;
-* interrupted with a checkpoint: resumed exactly (``Trainer(resume=...)``);
+* interrupted with a checkpoint: resumed exactly (``pretrain(resume=True)``);
 * otherwise: trained from the start.
 
 Runs go interleaved by seed (all arms of seed 0, then seed 1, ...), so an interruption leaves comparable sets and
@@ -21,14 +21,17 @@ from pathlib import Path
 import tomli_w
 from tqdm import tqdm
 
+from nanoseek.config import checkpoint_config
 from nanoseek.data.loader import TokenData, load_token_data, val_batches
 from nanoseek.measure.arms import Comparison, Run, device_type
 from nanoseek.measure.energy import EnergyMeter, select_meter
-from nanoseek.measure.report import read_json, write_atomic, write_report
-from nanoseek.model import Transformer
+from nanoseek.measure.provenance import provenance
+from nanoseek.measure.report import write_report
 from nanoseek.model.diagnostics import residual_gains
-from nanoseek.train.checkpoint import list_checkpoints, load_checkpoint
-from nanoseek.train.trainer import Trainer
+from nanoseek.train.checkpoint import list_checkpoints
+from nanoseek.train.load import load_model
+from nanoseek.train.pretrain import pretrain
+from nanoseek.train.runfolder import read_json, write_atomic
 
 
 def run_folder(out: Path, run: Run) -> Path:
@@ -69,13 +72,11 @@ def check_target(comparison: Comparison, runs: list[Run], out: Path) -> None:
 
 def layer_gains(folder: Path, data: TokenData) -> dict | None:
     """Per-site and composite gains of the final checkpoint (hc / mhc), on the first validation windows."""
-    _, cfg, weights, _ = load_checkpoint(folder)
-    if cfg.model.residual == "plain":
+    loaded = load_model(folder)
+    if loaded.model.cfg.residual == "plain":
         return None
-    model = Transformer(cfg.model)
-    model.load_state_dict(weights)
-    x, _ = next(val_batches(data.val, cfg.model.seq_len, 2, 1))
-    gains = residual_gains(model, x)
+    x, _ = next(val_batches(data.val, loaded.model.cfg.seq_len, 2, 1))
+    gains = residual_gains(loaded.model, x)
     return {"per_layer": [vars(g) for g in gains.per_layer], "composite": vars(gains.composite)}
 
 
@@ -91,17 +92,10 @@ def train_run(run: Run, folder: Path, data: TokenData, meter: EnergyMeter, bar: 
             f.write(message + "\n")
 
     bar.set_postfix_str(f"{run.arm} seed {run.seed}")
-    trainer = Trainer(
-        None if resume else run.cfg,
-        folder,
-        resume=folder if resume else None,
-        data=data,
-        progress=False,
-        log=log,
-        meter=meter,
-        callback=lambda record: bar.update(1),
-    )
-    return trainer.run()
+    return pretrain(
+        checkpoint_config(folder) if resume else run.cfg, folder, resume=resume, data=data,
+        info={"provenance": provenance()}, meter=meter, progress=False, log=log, callback=lambda record: bar.update(1),
+    )  # fmt: skip
 
 
 def run_comparison(
@@ -143,7 +137,7 @@ def run_comparison(
                 log(f"{run.name}: {summary['stop_reason']} at step {summary['step']}; run the same command to continue")
                 return None
             log(
-                f"{run.arm} seed {run.seed}: {summary['step']} steps, val loss {summary['final_val_loss']:.4f}, "
+                f"{run.arm} seed {run.seed}: {summary['step']} steps, val loss {summary['final']['val_loss']:.4f}, "
                 f"{summary['wall_seconds']:.1f} s, {summary['flops']:.3g} FLOPs, {summary['energy_j']:.0f} J "
                 f"({folder})"
             )

@@ -1,4 +1,5 @@
-"""The comparison's plots, as PNG bytes (matplotlib's Agg backend: no display needed).
+"""The comparison's plots, as PNG bytes, drawn on matplotlib ``Figure`` objects directly: no pyplot, no display,
+and importing this module leaves the user's matplotlib backend alone.
 
 * val loss vs cumulative FLOPs and vs timed wall seconds: one line per arm (the mean over seeds at each evaluation),
   the band between its best and worst seed shaded, the target as a dashed line;
@@ -11,21 +12,22 @@ from __future__ import annotations
 import io
 import statistics
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.figure import Figure
 
 
-def _png(fig) -> bytes:
+def _axes() -> tuple[Figure, object]:
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.add_subplot()
+
+
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
     return buffer.getvalue()
 
 
 def loss_curves(report: dict, x_key: str, x_label: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for color, arm in enumerate(report["arms"]):
         runs = [r["evals"] for r in report["runs"] if r["arm"] == arm["name"]]
         n = min(len(e) for e in runs)  # all seeds of an arm evaluate at the same steps
@@ -49,7 +51,7 @@ def gains_per_layer(report: dict) -> bytes | None:
     arms = [(f"C{i}", a) for i, a in enumerate(report["arms"]) if a["stability"]["layer_gains"]]  # colors as above
     if not arms:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     values = [g[k] for _, a in arms for g in a["stability"]["layer_gains"] for k in ("forward_max", "backward_max")]
     for color, arm in arms:
         layers = arm["stability"]["layer_gains"]

@@ -15,10 +15,8 @@ How the headline table is computed:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
@@ -26,29 +24,15 @@ from nanoseek.measure.arms import Comparison, Run, device_type
 from nanoseek.measure.plots import plot_report
 from nanoseek.measure.provenance import provenance
 from nanoseek.measure.stats import SPIKE_RISE, SPIKE_WINDOW, diff_ci, figure, first_reach, loss_spikes
+from nanoseek.train.runfolder import RunFolder, read_json, write_atomic
 
 # report.json name -> metrics.jsonl key, for the "to reach" figures
 MEASURES = {"compute": "flops", "time": "wall_seconds", "cpu_time": "cpu_seconds", "energy": "energy_j", "cost": "cost"}
 GAIN_KEYS = ("fwd_max", "fwd_min", "bwd_max", "bwd_min")
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Any | None:
-    """The parsed file, or None when it is absent or unreadable (e.g. a run killed before writing it)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def read_metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return RunFolder(folder).records()
 
 
 def run_result(run: Run, folder: Path, target: float, price: float) -> dict:
@@ -96,10 +80,10 @@ def _mean_per_layer(seeds: list[list[dict]]) -> list[dict]:
 def analyse(comparison: Comparison, runs: list[tuple[Run, Path]]) -> dict:
     """report.json's content from the finished runs."""
     base = comparison.baseline
-    finals = [read_json(f / "summary.json")["final_val_loss"] for run, f in runs if run.arm == base]
-    target = comparison.target_loss or statistics.fmean(finals)
     device = device_type(runs[0][0].cfg)
     price = comparison.price(device)
+    finals = [read_json(folder / "summary.json")["final"]["val_loss"] for run, folder in runs if run.arm == base]
+    target = comparison.target_loss or statistics.fmean(finals)
     results = [run_result(run, folder, target, price) for run, folder in runs]
     by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in comparison.arms}
     full_reference = not comparison.target_loss

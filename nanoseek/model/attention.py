@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.model.config import ModelConfig
 
 
 def rotary_tables(head_dim: int, start: int, length: int, base: float, device: torch.device) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.model.config import ModelConfig
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

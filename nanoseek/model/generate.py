@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.config import require
 from nanoseek.model.attention import KVCache
+from nanoseek.schema import require
 
 
 @dataclass

@@ -9,8 +9,9 @@ DeepSeek-V3 (arXiv 2412.19437, §2.1.2, Eq. 12-16), for a token u (C):
     y   = Σ_shared FFN_j(u) + Σ_{i∈S} g_i · FFN_i(u)
 
 Auxiliary-loss-free balancing: after every optimizer step, b_i <- b_i + γ · sign(mean load - load_i), where load_i
-counts the tokens expert i received since the previous step (summed over micro-batches and data-parallel ranks).
-A small sequence-wise balance loss (Eq. 17-20) may stay on, see ``sequence_balance_loss``.
+counts the tokens expert i received since the previous step (summed over micro-batches and data-parallel ranks by
+the training engine, which then calls ``MoE.update_bias``: the model never communicates). Padding tokens are
+neither counted nor part of the sequence-wise balance loss (Eq. 17-20, ``sequence_balance_loss``), which may stay on.
 
 Dropless: every token reaches its k experts. Token-expert pairs are sorted by expert so that each expert's tokens
 are contiguous, then each expert matrix multiplies its rows: with one ``torch.nn.functional.grouped_mm`` call over
@@ -20,30 +21,37 @@ all experts ("grouped"), or one matmul per expert ("loop", the reference).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import SwiGLU, swiglu
 from nanoseek.model.residual import upcast
 
 
-def sequence_balance_loss(affinity: torch.Tensor, chosen: torch.Tensor, alpha: float) -> torch.Tensor:
+def sequence_balance_loss(
+    affinity: torch.Tensor, chosen: torch.Tensor, alpha: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss (Eq. 17-20), averaged over the sequences of a batch:
 
         L = α Σ_i f_i P_i,   f_i = N_r / (k T) · #{t : i ∈ S_t},   P_i = 1/T Σ_t s_{i,t} / Σ_j s_{j,t}
 
     f_i (the fraction of the sequence's choices that went to expert i, scaled to 1 when balanced) carries no
     gradient; P_i does, and pushes affinity away from over-chosen experts. Balanced routing gives L = α.
-    affinity: (B, T, E) sigmoid affinities; chosen: (B, T, k) chosen expert ids."""
+    affinity: (B, T, E) sigmoid affinities; chosen: (B, T, k) chosen expert ids; valid: (B, T) bool, the real
+    tokens (padding is left out of f, P and T; a sequence with no real token is left out of the mean)."""
     b, t, e = affinity.shape
     k = chosen.shape[-1]
+    w = torch.ones(b, t, device=affinity.device, dtype=affinity.dtype) if valid is None else valid.to(affinity.dtype)
+    n = w.sum(dim=1)  # (B,) real tokens per sequence
     counts = torch.zeros(b, e, device=chosen.device, dtype=affinity.dtype)
-    counts.scatter_add_(1, chosen.flatten(1), torch.ones_like(chosen.flatten(1), dtype=affinity.dtype))
-    f = counts * e / (k * t)  # (B, E)
-    p = (affinity / affinity.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
-    return alpha * (f * p).sum(dim=-1).mean()
+    counts.scatter_add_(1, chosen.flatten(1), w[..., None].expand(b, t, k).flatten(1))
+    per_token = n.clamp(min=1)[:, None]
+    f = counts * e / (k * per_token)  # (B, E)
+    p = ((affinity / affinity.sum(dim=-1, keepdim=True)) * w[..., None]).sum(dim=1) / per_token  # (B, E)
+    per_sequence = (f * p).sum(dim=-1)  # (B,)
+    has_tokens = (n > 0).to(affinity.dtype)
+    return alpha * (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 class RoutedExperts(nn.Module):
@@ -83,7 +91,7 @@ class MoE(nn.Module):
     """DeepSeekMoE FFN: x (B, T, C) -> (B, T, C). See the module docstring for the equations.
 
     State: ``expert_bias`` (E,) is a persistent buffer (saved and restored with the weights). ``load`` (E,) counts
-    tokens per expert in training mode since the last ``update_biases``; it is a plain tensor, not a buffer, because
+    real tokens per expert in training mode since the last ``update_bias``; it is a plain tensor, not a buffer, because
     DistributedDataParallel re-broadcasts buffers from rank 0 before every forward and would overwrite each rank's
     own counts. It is zero after every optimizer step, so a checkpoint taken there needs nothing else to resume.
     ``last_load`` keeps the global counts of the last update for ``moe_stats``; ``aux_loss`` holds the balance loss
@@ -115,14 +123,17 @@ class MoE(nn.Module):
             weights = self.route_scale * s / s.sum(dim=-1, keepdim=True)
         return weights, chosen, affinity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, C)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, C); valid: (B, T) bool, the real tokens (None: all). Padding is routed and computed like any
+        # token (its output is never used) but not counted in the loads or the balance loss.
         weights, chosen, affinity = self.route(x)
-        self.aux_loss = sequence_balance_loss(affinity, chosen, self.alpha) if self.training and self.alpha else None
+        use_aux = self.training and self.alpha
+        self.aux_loss = sequence_balance_loss(affinity, chosen, self.alpha, valid) if use_aux else None
         flat = chosen.flatten()  # (N·k,) expert of every token-expert pair, N = B·T
         counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
         if self.training:
-            self.load = self.load.to(counts.device) + counts
+            real = flat if valid is None else chosen[valid].flatten()
+            self.load = self.load.to(counts.device) + torch.bincount(real, minlength=self.n_experts)
         order = flat.argsort(stable=True)  # pairs grouped by expert
         token = order // self.top_k  # (N·k,) token of each sorted pair
         xf = x.reshape(-1, x.shape[-1])  # (N, C)
@@ -133,32 +144,23 @@ class MoE(nn.Module):
             out = out + self.shared(xf)
         return out.view(x.shape[:-1] + (out.shape[-1],))
 
-
-@torch.no_grad()
-def update_biases(layers: list[MoE]) -> None:
-    """After an optimizer step: sum each layer's token loads (over micro-batches, and over ranks when
-    torch.distributed is initialised, in one all-reduce), apply b_i <- b_i + γ·sign(mean load - load_i) and reset
-    the counts. Every rank ends with identical biases because it applies the same update to the same global loads."""
-    if not layers:
-        return
-    device = layers[0].expert_bias.device
-    loads = torch.stack([m.load.to(device) for m in layers])  # (L, E) int64
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loads)
-    for m, load in zip(layers, loads, strict=True):
-        if m.expert_bias.dtype not in (torch.float32, torch.float64):
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """After an optimizer step: b_i <- b_i + γ·sign(mean load - load_i) with ``load`` (E,) the token counts of
+        the step (summed over micro-batches and processes by the caller), then reset the local counts."""
+        if self.expert_bias.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"expert_bias dtype={m.expert_bias.dtype} is invalid: bias updates of γ={m.gamma} need float32 or "
-                "float64; keep the model in float32 and train under autocast"
+                f"expert_bias dtype={self.expert_bias.dtype} is invalid: bias updates of γ={self.gamma} need float32 "
+                "or float64; keep the model in float32 and train under autocast"
             )
-        m.last_load = load.cpu()
-        load = load.to(m.expert_bias.dtype)
-        m.expert_bias += m.gamma * torch.sign(load.mean() - load)
-        m.load = torch.zeros_like(m.load)
+        self.last_load = load.detach().cpu()
+        load = load.to(self.expert_bias.device, self.expert_bias.dtype)
+        self.expert_bias += self.gamma * torch.sign(load.mean() - load)
+        self.load = torch.zeros_like(self.load)
 
 
 def moe_stats(model: nn.Module) -> dict[str, float | list[float]]:
-    """Expert loads of the last optimizer step (the global counts ``update_biases`` used, identical on every rank),
+    """Expert loads of the last optimizer step (the global counts ``update_bias`` used, identical on every rank),
     for every MoE layer of ``model``: ``moe_layer{i}_load`` = fraction of token-expert pairs per expert,
     ``moe_layer{i}_max_violation`` = max_i load_i / mean load - 1 (0 = perfectly balanced, E/k - 1 = all tokens on
     the same k experts), and ``moe_max_violation`` over all layers. Empty before the first update. Costs nothing:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.model.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Sinkhorn-Knopp

@@ -3,9 +3,9 @@
 Each site is a residual connection (plain, HC or mHC, see residual.py) around its block function. With HC and mHC
 the residual state is n streams per token, x: (B, T, n, C): created by copying the embedding and collapsed back to
 (B, T, C) before the final norm. With ffn="moe" the FFN of blocks first_k_dense.. is DeepSeekMoE (moe.py): the
-trainer calls ``after_optimizer_step()`` after every optimizer step to balance its experts, and in training mode the
-loss returned with targets includes the MoE layers' sequence-wise balance losses (seq_aux_loss); in eval mode it is
-the cross-entropy alone, comparable with a dense model's.
+training engine balances its experts after every optimizer step (``moe_layers()``, ``MoE.update_bias``), and in
+training mode the loss returned with targets includes the MoE layers' sequence-wise balance losses (seq_aux_loss);
+in eval mode it is the cross-entropy alone, comparable with a dense model's.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from nanoseek.config import ModelConfig
 from nanoseek.model.attention import CausalSelfAttention, KVCache, attention_mask, rotary_tables
+from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import make_ffn
-from nanoseek.model.moe import MoE, update_biases
+from nanoseek.model.moe import MoE
 from nanoseek.model.residual import StreamCollapse, expand_streams, make_residual
 
 
@@ -27,11 +28,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.attn = make_residual(cfg, CausalSelfAttention(cfg, index), 2 * index)
-        ffn = MoE(cfg, index) if cfg.ffn == "moe" and index >= cfg.first_k_dense else make_ffn(cfg)
-        self.ffn = make_residual(cfg, ffn, 2 * index + 1)
+        self.moe = cfg.ffn == "moe" and index >= cfg.first_k_dense
+        self.ffn = make_residual(cfg, MoE(cfg, index) if self.moe else make_ffn(cfg), 2 * index + 1)
 
-    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
-        return self.ffn(self.attn(x, **attn_kwargs))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, **attn_kwargs) -> torch.Tensor:
+        x = self.attn(x, **attn_kwargs)
+        return self.ffn(x, valid=valid) if self.moe else self.ffn(x)
 
 
 class Transformer(nn.Module):
@@ -73,30 +75,60 @@ class Transformer(nn.Module):
         """The MoE FFNs, bottom to top (empty for a dense model)."""
         return [block.ffn.fn for block in self.blocks if isinstance(block.ffn.fn, MoE)]
 
-    def after_optimizer_step(self) -> None:
-        """Call after every optimizer step (on the unwrapped model, on every rank): updates the MoE balancing
-        biases from the token loads counted since the previous call and resets the counts (moe.update_biases).
-        A no-op for a dense model."""
-        update_biases(self.moe_layers())
-
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         pad_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        chunk: int = 64,
     ):
-        """idx: (B, T) token ids -> logits (B, T, vocab), or (logits, loss) when targets (B, T) are given
-        (target -1 is ignored). With ``cache`` the tokens continue the cached positions; ``pad_mask`` (B, T) marks
-        real tokens (False = padding, never attended to)."""
-        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask))
+        """idx: (B, T) token ids. Returns
+
+        * logits (B, T, vocab), without targets;
+        * (logits, loss) with targets (B, T) (target -1 is ignored);
+        * with ``positions`` (B, P) and targets (B, P): (log-probabilities, entropies), each (B, P) float32, of token
+          targets[b, j] predicted at position positions[b, j] under softmax(logits / temperature) — what policy
+          gradients need, computed ``chunk`` positions at a time (recomputed in backward) so that (B, P, vocab)
+          float32 logits never exist. The entropy carries no gradient.
+
+        With ``cache`` the tokens continue the cached positions. ``pad_mask`` (B, T) marks real tokens (False =
+        padding): never attended to when it precedes real tokens (left padding), and left out of the MoE loads and
+        balance loss; right padding needs no attention mask, since causal attention never looks ahead."""
+        h = self.hidden_states(idx, cache, pad_mask)
+        if positions is not None:
+            return self._scores(h, positions, targets, temperature, chunk)
+        logits = self.lm_head(h)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, (loss + self.balance_loss() if self.training else loss)
+
+    def balance_loss(self) -> torch.Tensor | float:
+        """Sum of the MoE layers' sequence-wise balance losses of the last training forward (0 when there are none)."""
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        if self.training and aux:
-            loss = loss + torch.stack(aux).sum()
-        return logits, loss
+        return torch.stack(aux).sum() if aux else 0.0
+
+    def _scores(self, h, positions, targets, temperature, chunk):
+        # h: (B, T, C); positions, targets: (B, P)
+        h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, C)
+        logps, entropies = [], []
+        for s in range(0, h.shape[1], chunk):
+            args = (h[:, s : s + chunk], targets[:, s : s + chunk], temperature)
+            grad = h.requires_grad
+            lp, ent = checkpoint(self._chunk_scores, *args, use_reentrant=False) if grad else self._chunk_scores(*args)
+            logps.append(lp)
+            entropies.append(ent)
+        return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)
+
+    def _chunk_scores(self, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+        logits = self.lm_head(h)  # (B, c, V): one chunk only
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, targets[..., None])[..., 0], entropy
 
     def hidden_states(
         self, idx: torch.Tensor, cache: KVCache | None = None, pad_mask: torch.Tensor | None = None
@@ -110,13 +142,15 @@ class Transformer(nn.Module):
         rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)
         if cache is not None:
             mask = cache.mask(t, pad_mask)
+        elif pad_mask is not None and not _right_padded(pad_mask):
+            mask = attention_mask(pad_mask, 0)
         else:
-            mask = attention_mask(pad_mask, 0) if pad_mask is not None else None
+            mask = None
         x = self.embed(idx)  # (B, T, C)
         if self.collapse is not None:
             x = expand_streams(x, self.cfg.n_streams)  # (B, T, n, C)
         for block in self.blocks:
-            x = block(x, rope=rope, cache=cache, mask=mask)
+            x = block(x, valid=pad_mask, rope=rope, cache=cache, mask=mask)
         if cache is not None:
             cache.pos += t
         if self.collapse is not None:
@@ -179,3 +213,8 @@ class Transformer(nn.Module):
         attention = c.n_layers * 2 * 2 * t * c.n_heads * c.head_dim
         mixing = 0 if c.residual == "plain" else 2 * c.n_layers * 2 * d * (n * n + 2 * n)
         return 3 * (2 * matmul + attention + mixing)
+
+
+def _right_padded(pad_mask: torch.Tensor) -> bool:
+    """Every row is real tokens then padding (so plain causal attention is exact for the real ones)."""
+    return bool((pad_mask.cumprod(dim=1, dtype=torch.int8) == pad_mask).all())

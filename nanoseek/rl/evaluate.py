@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from nanoseek.config import require
 from nanoseek.data.tasks import Task
-from nanoseek.rl.rewards import extract_answer, format_ok, render_prompt
+from nanoseek.rl.rewards import extract_answer, format_ok
 from nanoseek.rl.rollout import complete
+from nanoseek.schema import require
 
 Z_95 = 1.959963984540054
 
@@ -57,6 +57,8 @@ class EvalResult:
     greedy: Estimate
     greedy_format: float
     """Share of greedy completions in the exact think + answer format."""
+    greedy_length: float
+    """Mean length of the greedy completions, in tokens."""
     sampled: Estimate | None = None
     majority: Estimate | None = None
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -64,7 +66,7 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for metrics.jsonl."""
-        out = {"format_greedy": self.greedy_format}
+        out = {"format_greedy": self.greedy_format, "completion_len_greedy": self.greedy_length}
         for name, est in (("pass1_greedy", self.greedy), ("pass1_sampled", self.sampled), ("maj", self.majority)):
             if est is not None:
                 out.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
@@ -109,27 +111,33 @@ def evaluate(
     *,
     n: int = 200,
     samples: int = 8,
-    template: str = "compact",
-    max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
     n_examples: int = 3,
+    allow_fewer: bool = False,
 ) -> EvalResult:
-    """Evaluate on the first ``n`` distinct test problems (the same set for every model and seed); ``samples`` = k
-    completions per problem for pass@1 sampled and maj@k (0: greedy only); ``seed`` seeds the sampling."""
+    """Evaluate on the first ``n`` distinct test problems (the same set for every model and seed), prompted with
+    the task's template, budget and stop strings; ``samples`` = k completions per problem for pass@1 sampled and
+    maj@k (0: greedy only); ``seed`` seeds the sampling. ``allow_fewer``: a task with fewer test problems is
+    evaluated on all it has (else that is an error)."""
     require(isinstance(samples, int) and samples >= 0, "samples", samples, "expected an integer >= 0")
     require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "expected an integer >= 1")
-    problems = task.problems("test", n, seed=0)
-    prompts = [render_prompt(template, p.question) for p in problems]
+    problems = task.problems("test", n, seed=0, allow_fewer=allow_fewer)
+    n = len(problems)
+    prompts = [task.prompt(p) for p in problems]
+
+    lengths: list[int] = []
 
     def run(repeat: int, **sampling: Any) -> list[str]:
         flat = [p for p in prompts for _ in range(repeat)]
         texts = []
         for s in range(0, len(flat), batch_size):
-            _, ids, _ = complete(model, tokenizer, flat[s : s + batch_size], max_new_tokens, **sampling)
+            chunk = flat[s : s + batch_size]
+            _, ids, _ = complete(model, tokenizer, chunk, task.max_new_tokens, stop=task.stop, **sampling)
             texts += [tokenizer.decode(c) for c in ids]
+            lengths.extend(len(c) for c in ids)
         return texts
 
     greedy = run(1, temperature=0.0)
@@ -140,6 +148,7 @@ def evaluate(
         samples,
         Estimate.of(sum(right) / n, n),
         sum(format_ok(q, c) for q, c in zip(prompts, greedy, strict=True)) / n,
+        sum(lengths) / n,
         examples=[
             {"question": p.question, "completion": c, "correct": ok}
             for p, c, ok in list(zip(problems, greedy, right, strict=True))[:n_examples]

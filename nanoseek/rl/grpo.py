@@ -18,22 +18,28 @@ gets the advantage Â_i = (r_i − mean(r)) / (std(r) + ε) of its group. The ob
 
 In a step, μ optimizer updates are made on the same batch against the old policy: the first update's forward pass
 is the old policy (the weights have not moved yet), so its log-probabilities, detached, are π_old — no extra pass.
+
+GRPO is a stage of the training engine (``GRPO``): the engine does the updates (optimizer, lr schedule, clipping,
+accumulation over micro-batches, bf16, NaN guard, MoE balancing); [grpo] holds only what is GRPO's own. Per step
+and process, train.batch_size × train.grad_accum prompts are sampled, group_size completions each; a micro-batch is
+train.batch_size groups.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nanoseek.config import check_choice, require
 from nanoseek.data.tasks import Task
-from nanoseek.rl.rewards import TEMPLATES, RewardFn, default_rewards, overlong_reward
+from nanoseek.rl.rewards import RewardFn, default_rewards, overlong_reward
 from nanoseek.rl.rollout import Rollout, sample_rollout, token_logprobs
+from nanoseek.schema import check_choice, require, require_int
+from nanoseek.train.engine import Engine
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo")
 
@@ -79,14 +85,16 @@ def grpo_loss(
 
     logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). The normalisers default to this batch's own
     (N sequences, its real-token count, T); a caller splitting a batch into micro-batches passes the whole batch's
-    so that the micro-batch losses add up to the batch loss."""
+    so that the micro-batch losses add up to the batch loss. Every loss type is 0, with zero gradients, on a batch
+    without completion tokens."""
     check_choice("loss_type", loss_type, LOSS_TYPES)
     if beta > 0 and ref_logp is None:
         raise ValueError(f"beta={beta!r} is invalid without ref_logp: the KL term needs the reference policy")
     m = mask.to(logp.dtype)
-    n_sequences = n_sequences or logp.shape[0]
-    n_tokens = n_tokens or int(mask.sum())
-    max_tokens = max_tokens or logp.shape[1]
+    # a batch with no completion token (or no sequence) has a zero loss and zero gradients, never 0 / 0
+    n_sequences = max(n_sequences or logp.shape[0], 1)
+    n_tokens = max(n_tokens if n_tokens is not None else int(mask.sum()), 1)
+    max_tokens = max(max_tokens or logp.shape[1], 1)
     lengths = m.sum(-1).clamp(min=1)  # (N,)
     kl = k3_kl(logp, ref_logp) if beta > 0 else torch.zeros_like(logp)  # (N, T)
     lo, hi = 1 - epsilon_low, 1 + epsilon_high
@@ -117,24 +125,18 @@ def grpo_loss(
 
 @dataclass
 class GRPOConfig:
-    """Hyper-parameters of a GRPO run (DESIGN.md §5). The learning rate belongs to the optimizer."""
+    """The [grpo] section: what is GRPO's own (DESIGN.md §5). The optimizer, learning rate and its schedule,
+    clipping, batch (train.batch_size prompts per micro-batch), precision and seed are the engine's, in [train];
+    the prompt template, token budget and stop strings are the task's, in [task]."""
 
     group_size: int = 8
     """G, completions sampled per prompt (DeepSeekMath used 64, R1-Zero 16)."""
-    prompts_per_step: int = 4
-    """Groups (prompts) in each training batch."""
-    max_new_tokens: int = 64
-    """Longest completion; generation stops earlier at a stop string or end-of-text."""
     temperature: float = 1.0
     """Sampling temperature; the policy's log-probabilities use the same one (π = softmax(logits / temperature))."""
     top_k: int = 0
     """Sample among the k most likely tokens only (0: all)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
-    template: str = "compact"
-    """Prompt template: a name in nanoseek.rl.rewards.TEMPLATES or a string containing {question}."""
-    stop: tuple[str, ...] = ("</answer>",)
-    """Stop strings that end a completion (kept in it)."""
     loss_type: str = "grpo"
     """grpo, dr_grpo, dapo or gspo (module docstring)."""
     epsilon_low: float = 0.2
@@ -147,103 +149,100 @@ class GRPOConfig:
     """Copy the policy into the reference every N steps (R1-Zero: 400); 0 never."""
     mu: int = 1
     """Optimizer updates per sampled batch, each against the same old policy (μ in DeepSeekMath)."""
-    micro_batch_size: int = 0
-    """Completions per forward/backward pass, gradients accumulated over the batch (0: the whole batch at once)."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample new prompts to refill the batch."""
     max_refill_rounds: int = 3
     """With dynamic sampling, at most this many extra generation rounds per step; the batch may stay short."""
     overlong_buffer: int = 0
-    """DAPO's soft overlong punishment over the last N tokens before max_new_tokens (0: off)."""
+    """DAPO's soft overlong punishment over the last N tokens before task.max_new_tokens (0: off)."""
     overlong_weight: float = 1.0
     """Weight of the overlong punishment in the total reward."""
     format_weight: float = 0.1
     """Weight of the format reward next to accuracy (weight 1) in the default rewards; 0 = accuracy only."""
     adv_eps: float = 1e-4
     """ε added to the group's reward std in the advantage."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient's global norm to this (0: no clipping)."""
     logprob_chunk: int = 64
     """Positions whose logits are computed at once when scoring completions."""
-    seed: int = 0
-    """Seed of the training-problem stream and of sampling."""
 
     def __post_init__(self) -> None:
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "logprob_chunk"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, value, "expected an integer >= 1")
-        for name in ("top_k", "ref_reset_every", "micro_batch_size", "max_refill_rounds", "overlong_buffer"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 0, name, value, "expected an integer >= 0")
-        require(self.group_size >= 2, "group_size", self.group_size, "expected >= 2: advantages compare within a group")
+        require_int("group_size", self.group_size, 2, 65536)  # advantages compare within a group
+        require_int("mu", self.mu, 1, 1000)
+        require_int("logprob_chunk", self.logprob_chunk, 1)
+        for name in ("top_k", "ref_reset_every", "max_refill_rounds", "overlong_buffer"):
+            require_int(name, getattr(self, name), 0)
         require(self.temperature > 0, "temperature", self.temperature, "expected > 0 (GRPO samples)")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "expected a number in (0, 1]")
-        require(
-            self.template in TEMPLATES or "{question}" in self.template,
-            "template",
-            self.template,
-            f"expected one of {', '.join(TEMPLATES)} or a string containing {{question}}",
-        )
-        stops_ok = isinstance(self.stop, (list, tuple)) and all(isinstance(x, str) and x for x in self.stop)
-        require(stops_ok, "stop", self.stop, "expected a list of non-empty strings")
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         require(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "expected a number in [0, 1)")
         require(self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, "expected a number >= 0")
-        for name in ("beta", "overlong_weight", "max_grad_norm", "format_weight"):
+        for name in ("beta", "overlong_weight", "format_weight"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "expected a number >= 0")
         require(self.adv_eps > 0, "adv_eps", self.adv_eps, "expected a positive number")
-        require(
-            self.overlong_buffer <= self.max_new_tokens,
-            "overlong_buffer",
-            self.overlong_buffer,
-            f"expected at most max_new_tokens={self.max_new_tokens}",
-        )
 
 
-class GRPOTrainer:
-    """Runs GRPO one step at a time on ``model`` with ``optimizer``; ``rewards`` maps a name to (function, weight)
-    (default: accuracy 1 + format cfg.format_weight). ``step()`` returns the step's metrics; ``state_dict()`` holds
-    everything besides the model and optimizer that an exact resume needs, as tensors."""
+class GRPO:
+    """GRPO as a stage of the engine: ``step()`` samples, scores and makes μ updates; ``rewards`` maps a name to
+    (function, weight) (default: accuracy 1 + format cfg.format_weight). ``evaluator(model) -> metrics`` (e.g.
+    held-out accuracy) runs at evaluation steps. ``state_dict()`` holds what an exact resume needs besides the
+    model and optimizers, as tensors."""
+
+    name = "grpo"
+    postfix = ("reward_mean", "reward_accuracy", "completion_len", "zero_variance_frac", "kl", "entropy")
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        engine: Engine,
         tokenizer: Any,
         task: Task,
         cfg: GRPOConfig,
         rewards: Mapping[str, tuple[RewardFn, float]] | None = None,
+        evaluator: Callable[[torch.nn.Module], dict] | None = None,
     ):
-        self.model, self.optimizer, self.tokenizer, self.task, self.cfg = model, optimizer, tokenizer, task, cfg
+        self.engine, self.tokenizer, self.task, self.cfg, self.evaluator = engine, tokenizer, task, cfg, evaluator
+        if engine.dist.world > 1 and engine.cfg.parallel == "fsdp":
+            raise ValueError(
+                "train.parallel='fsdp' is invalid for GRPO: generation stops at a different step on every process, "
+                "which sharded weights cannot follow; use parallel='ddp'"
+            )
+        require(
+            cfg.overlong_buffer <= task.max_new_tokens,
+            "grpo.overlong_buffer",
+            cfg.overlong_buffer,
+            f"expected at most task.max_new_tokens={task.max_new_tokens}",
+        )
         self.rewards = dict(rewards if rewards is not None else default_rewards(task))
         if rewards is None:
             self.rewards["format"] = (self.rewards["format"][0], cfg.format_weight)
         if cfg.overlong_buffer:
-            self.rewards["overlong"] = (overlong_reward(cfg.max_new_tokens, cfg.overlong_buffer), cfg.overlong_weight)
-        self.reference = copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+            self.rewards["overlong"] = (overlong_reward(task.max_new_tokens, cfg.overlong_buffer), cfg.overlong_weight)
+        model = engine.model
+        self.reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.beta > 0 else None
+        t, d = engine.cfg, engine.dist
+        self.prompts_per_step = t.batch_size * t.grad_accum  # per process
+        self.generator = torch.Generator().manual_seed(t.seed + 1_000_003 * d.rank)
         self.steps_done = 0
         self.problem_index = 0
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.model
+
     def _sample(self) -> Rollout:
-        n = self.cfg.prompts_per_step
-        problems = [self.task.problem("train", self.cfg.seed, self.problem_index + i) for i in range(n)]
-        self.problem_index += n
+        n, d = self.prompts_per_step, self.engine.dist
+        first = self.problem_index + d.rank * n  # this process's slice of every step's problems
+        problems = [self.task.problem("train", self.engine.cfg.seed, first + i) for i in range(n)]
+        self.problem_index += n * d.world
         c = self.cfg
-        return sample_rollout(
-            self.model,
-            self.tokenizer,
-            problems,
-            self.rewards,
-            group_size=c.group_size,
-            max_new_tokens=c.max_new_tokens,
-            template=c.template,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            top_p=c.top_p,
-            stop=tuple(c.stop),
-            generator=self.generator,
-        )
+        was_training = self.model.training
+        self.model.eval()  # generation leaves MoE loads alone
+        with self.engine.autocast():
+            rollout = sample_rollout(
+                self.model, self.tokenizer, problems, self.rewards, group_size=c.group_size,
+                max_new_tokens=self.task.max_new_tokens, template=self.task.template, temperature=c.temperature,
+                top_k=c.top_k, top_p=c.top_p, stop=self.task.stop, generator=self.generator,
+            )  # fmt: skip
+        self.model.train(was_training)
+        return rollout
 
     def collect(self) -> tuple[list[Rollout], list[Rollout]]:
         """(rollouts sampled, their groups kept for training). Without dynamic sampling every group is kept."""
@@ -254,33 +253,35 @@ class GRPOTrainer:
             if not self.cfg.dynamic_sampling:
                 return sampled, sampled
             informative = (~zero_variance_groups(rollout.group_rewards())).nonzero().flatten().tolist()
-            take = informative[: self.cfg.prompts_per_step - n_kept]
+            take = informative[: self.prompts_per_step - n_kept]
             if take:
                 kept.append(rollout.select(take))
                 n_kept += len(take)
-            if n_kept == self.cfg.prompts_per_step:
+            if n_kept == self.prompts_per_step:
                 break
         return sampled, kept
 
-    def step(self) -> dict[str, float]:
+    def step(self, step: int = 0) -> dict[str, float]:
         """Sample (and refill), score, make μ updates; return the step's metrics:
 
         * over every completion sampled in the step: reward_mean, reward_std, reward_<name> for each reward (e.g.
           reward_accuracy, and reward_format = the format rate), completion_len (tokens), truncated_frac (cut at
           max_new_tokens), zero_variance_frac, groups_sampled, groups_kept, gen_tokens_per_s (completion tokens per
           second of sampling and scoring);
-        * when a batch was trained on (dynamic sampling may keep none): loss (at the first update), clip_fraction
-          (mean over the μ updates), kl (to the reference; only with β > 0), entropy (nats per token), grad_norm
-          (of the last update, before clipping), train_tokens_per_s (prompt + completion tokens through the policy,
-          counted once per update)."""
-        c = self.cfg
+        * when a batch was trained on (dynamic sampling may keep none): train_loss (at the first update),
+          clip_fraction (mean over the μ updates), kl (to the reference; only with β > 0), entropy (nats per
+          token), grad_norm (of the last update, before clipping), train_tokens_per_s (prompt + completion tokens
+          through the policy, counted once per update);
+        * tokens and flops: every token through the model, sampled or trained on, and the analytic FLOPs."""
         t0 = time.perf_counter()
         sampled, kept = self.collect()
         gen_time = time.perf_counter() - t0
         everything = Rollout.join(sampled)
         lengths = torch.tensor([len(x) for x in everything.completion_ids], dtype=torch.float64)
+        prompt_tokens = sum(len(p) for p in everything.prompt_ids)
+        gen_tokens = prompt_tokens + int(lengths.sum())
+        longest = max(len(p) + len(c) for p, c in zip(everything.prompt_ids, everything.completion_ids, strict=True))
         metrics = {
-            "step": float(self.steps_done + 1),
             "reward_mean": everything.rewards.mean().item(),
             "reward_std": everything.rewards.std(correction=0).item(),
             **{f"reward_{k}": v.mean().item() for k, v in everything.parts.items()},
@@ -290,79 +291,98 @@ class GRPOTrainer:
             "groups_sampled": float(everything.n_groups),
             "groups_kept": float(sum(r.n_groups for r in kept)),
             "gen_tokens_per_s": lengths.sum().item() / gen_time,
+            # sampling is a forward pass (a third of a training step's FLOPs per token)
+            "tokens": gen_tokens,
+            "flops": gen_tokens * self.model.flops_per_token(longest) / 3,
         }
         if kept:
-            metrics.update(self.update(Rollout.join(kept)))
+            trained = self.update(Rollout.join(kept))
+            metrics["tokens"] += trained.pop("tokens")
+            metrics["flops"] += trained.pop("flops")
+            metrics.update(trained)
         self.steps_done += 1
-        if self.reference is not None and c.ref_reset_every and self.steps_done % c.ref_reset_every == 0:
+        if self.reference is not None and self.cfg.ref_reset_every and self.steps_done % self.cfg.ref_reset_every == 0:
             self.reference.load_state_dict(self.model.state_dict())
         return metrics
 
     def update(self, rollout: Rollout) -> dict[str, float]:
-        """μ optimizer steps on one batch against its old policy; gradients are accumulated over micro-batches."""
-        c = self.cfg
+        """μ optimizer updates on one batch against its old policy, through the engine; a micro-batch is
+        train.batch_size groups, and every micro-batch's loss uses the whole batch's normalisers, so they add up
+        to the batch loss."""
+        c, engine, device = self.cfg, self.engine, self.engine.device
         t0 = time.perf_counter()
         advantages = group_advantages(rollout.group_rewards(), scale=c.loss_type != "dr_grpo", eps=c.adv_eps)
-        advantages = advantages.flatten().float()
-        ids, starts, completion_mask = rollout.batch()
+        advantages = advantages.flatten().float().to(device)
+        ids, starts, completion_mask = (x.to(device) for x in rollout.batch())
         n, t = completion_mask.shape
-        size = c.micro_batch_size or n
+        lengths = starts + completion_mask.sum(-1)  # real tokens per row; right padding after them
+        size = engine.cfg.batch_size * c.group_size
         parts = [slice(s, s + size) for s in range(0, n, size)]
         n_tokens = int(completion_mask.sum())
-        scale = {"n_sequences": n, "n_tokens": n_tokens, "max_tokens": c.max_new_tokens}
+        scale = {"n_sequences": n, "n_tokens": n_tokens, "max_tokens": self.task.max_new_tokens}
         ref = [None] * len(parts)
         if self.reference is not None:
-            with torch.no_grad():
-                ref = [self._logprobs(self.reference, ids[p], starts[p], t)[0] for p in parts]
-        old: list[torch.Tensor] = []
-        totals = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0}
-        for iteration in range(c.mu):
-            for k, p in enumerate(parts):
-                logp, entropy = self._logprobs(self.model, ids[p], starts[p], t)
-                if iteration == 0:
-                    old.append(logp.detach())  # the weights have not moved yet: this is π_old
-                loss, stats = grpo_loss(
-                    logp,
-                    old[k],
-                    advantages[p],
-                    completion_mask[p],
-                    loss_type=c.loss_type,
-                    epsilon_low=c.epsilon_low,
-                    epsilon_high=c.epsilon_high,
-                    beta=c.beta,
-                    ref_logp=ref[k],
-                    **scale,
-                )
-                loss.backward()
+            with torch.no_grad(), engine.autocast():
+                ref = [self._logprobs(self.reference, ids[p], starts[p], lengths[p], t)[0] for p in parts]
+        old: list[torch.Tensor | None] = [None] * len(parts)
+        totals = {"train_loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0}
+
+        def micro(k: int, p: slice, first: bool):
+            def loss() -> torch.Tensor:
+                logp, entropy = self._logprobs(engine.forward, ids[p], starts[p], lengths[p], t)
+                if first:
+                    old[k] = logp.detach()  # the weights have not moved yet: this is π_old
+                value, stats = grpo_loss(
+                    logp, old[k], advantages[p], completion_mask[p], loss_type=c.loss_type,
+                    epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, beta=c.beta, ref_logp=ref[k], **scale,
+                )  # fmt: skip
                 share = completion_mask[p].sum().item() / max(n_tokens, 1)
                 totals["clip_fraction"] += stats["clip_fraction"].item() * share / c.mu
-                if iteration == 0:
-                    totals["loss"] += loss.item()
+                if first:
                     totals["kl"] += stats["kl"].item() * share
                     totals["entropy"] += (entropy * completion_mask[p]).sum().item() / max(n_tokens, 1)
-            params = [q for q in self.model.parameters() if q.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+                balance = self.model.balance_loss()  # MoE's sequence-wise balance loss, over this micro-batch
+                return value + balance * (min(p.stop, n) - p.start) / n
+
+            return loss
+
+        for iteration in range(c.mu):
+            result = engine.update([micro(k, p, iteration == 0) for k, p in enumerate(parts)])
+            if iteration == 0:
+                totals["train_loss"] = result.loss
         train_time = time.perf_counter() - t0
         if self.reference is None:
             del totals["kl"]
-        real_tokens = (starts.sum().item() + n_tokens) * c.mu
-        return {**totals, "grad_norm": norm.item(), "train_tokens_per_s": real_tokens / train_time}
+        real_tokens = int(starts.sum().item()) + n_tokens  # prompt + completion tokens, once per update
+        fpt = self.model.flops_per_token(ids.shape[1])
+        flops = real_tokens * fpt * c.mu + (real_tokens * fpt / 3 if self.reference is not None else 0.0)
+        return {
+            **totals,
+            "grad_norm": result.grad_norm,
+            "train_tokens_per_s": real_tokens * c.mu / train_time,
+            "tokens": real_tokens * c.mu,
+            "flops": flops,
+        }
 
-    def _logprobs(self, model: torch.nn.Module, ids: torch.Tensor, starts: torch.Tensor, n_tokens: int):
-        return token_logprobs(model, ids, starts, n_tokens, self.cfg.temperature, self.cfg.logprob_chunk)
+    def _logprobs(self, forward, ids: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, n_tokens: int):
+        return token_logprobs(forward, ids, starts, n_tokens, self.cfg.temperature, self.cfg.logprob_chunk, lengths)
+
+    def evaluate(self) -> dict[str, Any]:
+        return self.evaluator(self.model) if self.evaluator is not None else {}
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Step count, position in the problem stream, sampling RNG and (with β > 0) the reference weights: a flat
-        dict of tensors, ready for safetensors."""
+        dict of tensors."""
         state = {
             "steps_done": torch.tensor(self.steps_done),
             "problem_index": torch.tensor(self.problem_index),
             "generator": self.generator.get_state(),
         }
         if self.reference is not None:
-            state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+            state.update({f"reference.{k}": v.cpu() for k, v in self.reference.state_dict().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:

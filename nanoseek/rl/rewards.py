@@ -1,4 +1,5 @@
-"""The R1-Zero template and rule-based rewards (DESIGN.md §5; DeepSeek-R1, Nature 2025).
+"""Rule-based rewards for the R1-Zero format (DESIGN.md §5; DeepSeek-R1, Nature 2025; the templates are in
+nanoseek.data.templates).
 
 The model reasons inside ``<think> … </think>`` and answers inside ``<answer> … </answer>``; no neural reward
 model. A reward is any plain callable
@@ -17,48 +18,17 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from nanoseek.config import require
 from nanoseek.data.tasks import Task
+from nanoseek.data.templates import ANSWER_CLOSE, ANSWER_OPEN, TAGS, THINK_CLOSE, THINK_OPEN, opens_think
+from nanoseek.schema import require
 
 RewardFn = Callable[..., list[float]]
-
-TEMPLATES = {
-    # The R1-Zero prompt (DeepSeek-R1, Table 1), in our words.
-    "r1_zero": (
-        "A conversation between User and Assistant. The User asks a question and the Assistant solves it: it first "
-        "thinks about the reasoning process, then gives the answer. The reasoning goes inside <think> </think> and "
-        "the answer inside <answer> </answer>, i.e. <think> reasoning here </think> <answer> answer here </answer>."
-        "\nUser: {question}\nAssistant:"
-    ),
-    # Short enough for byte-level models with a small context; the prompt opens the think block itself.
-    "compact": "{question}\n<think>",
-}
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
-TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-
-
-def render_prompt(template: str, question: str) -> str:
-    """The prompt for ``question``: ``template`` is a name in TEMPLATES or a string containing "{question}"."""
-    text = TEMPLATES.get(template, template)
-    require("{question}" in text, "template", template, f"expected one of {', '.join(TEMPLATES)} or a '{{question}}'")
-    return text.replace("{question}", question)
-
-
-def render_target(prompt: str, reasoning: str, answer: str) -> str:
-    """The ideal completion of ``prompt``, for supervised fine-tuning: think block (unless the prompt opened it),
-    then the answer block."""
-    head = "" if _opens_think(prompt) else THINK_OPEN
-    return f"{head}{reasoning}{THINK_CLOSE}\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
-
-
-def _opens_think(prompt: str) -> bool:
-    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 def format_ok(prompt: str, completion: str) -> bool:
     """True iff the response is exactly ``<think>…</think> <answer>…</answer>`` with only whitespace around the
     blocks, each tag exactly once (so no nesting, no second answer). A prompt ending in <think> opened the block."""
-    text = (THINK_OPEN if _opens_think(prompt) else "") + completion
+    text = (THINK_OPEN if opens_think(prompt) else "") + completion
     if any(text.count(tag) != 1 for tag in TAGS):
         return False
     starts = [text.index(tag) for tag in TAGS]

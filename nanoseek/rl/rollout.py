@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from nanoseek.data.tasks import Problem
+from nanoseek.data.templates import render_prompt
 from nanoseek.model.generate import generate
-from nanoseek.rl.rewards import RewardFn, render_prompt, score
+from nanoseek.rl.rewards import RewardFn, score
 
 
 @dataclass
@@ -138,17 +138,6 @@ def sample_rollout(
     )
 
 
-def _chunk_logprobs(
-    model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # h: (N, c, C); targets: (N, c) -> log π(target) (N, c) and the entropy of π (N, c), both float32
-    logits = model.lm_head(h)  # (N, c, V): one chunk only
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return logp.gather(-1, targets[..., None])[..., 0], entropy
-
-
 def token_logprobs(
     model: torch.nn.Module,
     ids: torch.Tensor,
@@ -156,22 +145,20 @@ def token_logprobs(
     n_tokens: int,
     temperature: float = 1.0,
     chunk_size: int = 64,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (N, n_tokens) of the tokens ids[i, starts[i] + t] under softmax(logits / temperature), and
     the policy's entropy there (no gradient), for the right-padded layout of ``Rollout.batch`` (starts = prompt
-    lengths). Entries past a row's end are meaningless: mask them.
+    lengths; ``lengths`` = real tokens per row, for MoE load counting). Entries past a row's end are meaningless:
+    mask them. ``model`` is a Transformer or anything that forwards to one (the engine's compiled / DDP module).
 
-    Logits exist only ``chunk_size`` positions at a time; with gradients on, each chunk is recomputed in backward
-    (activation checkpointing), so neither pass holds (N, T, vocab) float32 logits."""
-    h = model.hidden_states(ids)  # (N, L, C)
+    Logits exist only ``chunk_size`` positions at a time (``Transformer.forward`` with ``positions``); with
+    gradients on, each chunk is recomputed in backward, so neither pass holds (N, T, vocab) float32 logits."""
     last = ids.shape[1] - 1
-    where = (starts[:, None] + torch.arange(n_tokens)).clamp(max=last)  # (N, T) positions of the scored tokens
-    h = h.gather(1, (where - 1)[..., None].expand(-1, -1, h.shape[-1]))  # (N, T, C): position j predicts j + 1
-    targets = ids.gather(1, where)
-    logps, entropies = [], []
-    for s in range(0, n_tokens, chunk_size):
-        args = (model, h[:, s : s + chunk_size], targets[:, s : s + chunk_size], temperature)
-        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if h.requires_grad else _chunk_logprobs(*args)
-        logps.append(lp)
-        entropies.append(ent)
-    return torch.cat(logps, dim=1), torch.cat(entropies, dim=1)
+    where = (starts[:, None] + torch.arange(n_tokens, device=ids.device)).clamp(max=last)  # (N, T) scored tokens
+    pad_mask = None
+    if lengths is not None:
+        pad_mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+    return model(
+        ids, ids.gather(1, where), pad_mask=pad_mask, positions=where - 1, temperature=temperature, chunk=chunk_size
+    )  # position j predicts token j + 1

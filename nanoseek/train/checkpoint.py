@@ -2,7 +2,7 @@
 
 A checkpoint folder ``ckpt-0000123`` holds
     model.safetensors   the weights (and persistent buffers such as MoE router biases)
-    config.toml         the full run configuration
+    config.toml         the full run configuration (every section, as the stage that wrote it saw it)
     tokenizer.json      the tokenizer the model was trained with
     state.pt            optimizer states, step, counters, RNG (tensors and plain values only: weights_only=True)
     meta.json           SHA-256 of each file above; written last
@@ -16,12 +16,15 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import tomli_w
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoseek.config import RunConfig, load_run_config, save_run_config
+from nanoseek.schema import loads
 
 FILES = ("model.safetensors", "config.toml", "tokenizer.json", "state.pt")
 PREFIX = "ckpt-"
@@ -39,11 +42,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict[str, Any]
+    """The run config as plain TOML tables; ``nanoseek.config.RunConfig.from_dict`` validates it."""
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
-    cfg: RunConfig,
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
     tokenizer,
     state: dict,
     keep_last: int = 2,
@@ -54,9 +66,8 @@ def save_checkpoint(
     tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
-    save_run_config(cfg, tmp / "config.toml")
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+    (tmp / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
     tokenizer.save(tmp)
     torch.save(state, tmp / "state.pt")
     meta = {"step": step, "files": {name: _sha256(tmp / name) for name in FILES}}
@@ -71,18 +82,6 @@ def save_checkpoint(
     for stale in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(stale)
     return final
-
-
-def start_metrics(path: Path, resumed_step: int | None) -> None:
-    """Prepare a run's metrics.jsonl: a fresh run starts it empty; a resumed one keeps the records up to the
-    checkpoint's step and drops those a killed run wrote after it, so every step appears exactly once."""
-    if not path.is_file():
-        return
-    if resumed_step is None:
-        path.unlink()
-        return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -121,11 +120,11 @@ def verify_checkpoint(folder: Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Path, RunConfig, dict, dict]:
-    """Verify and read a checkpoint: (folder, config, weights, state). No code is executed while loading."""
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Verify and read a checkpoint (a ckpt-* folder, or a run folder's newest). No code is executed while loading."""
     folder = resolve_checkpoint(path)
     verify_checkpoint(folder)
-    cfg = load_run_config([folder / "config.toml"], overrides)
+    config = loads((folder / "config.toml").read_text(encoding="utf-8"), f"{folder / 'config.toml'}")
     weights = load_file(folder / "model.safetensors")
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    return folder, cfg, weights, state
+    return Checkpoint(folder, config, weights, state)

@@ -1,15 +1,19 @@
-"""Process-group setup for ``torchrun``: DDP with gloo on CPU, NCCL on CUDA. A single process needs none of it.
+"""Processes and devices: ``torchrun`` process groups (gloo on CPU, NCCL on CUDA), DDP or FSDP2 around a plain
+model, and full (unsharded) state dicts for checkpoints. A single process needs none of it.
 
-The model never knows it is distributed: the trainer wraps it in DistributedDataParallel from outside.
+The model never knows it is distributed: it is wrapped here from outside (torchtitan's rule), and the few
+collectives training needs (loss means, stop flags, MoE expert loads) are methods of ``Dist``.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass
@@ -24,13 +28,16 @@ class Dist:
         """Only the main process logs, writes metrics and checkpoints."""
         return self.rank == 0
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Average a tensor over processes (identity in a single process)."""
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes (identity in a single process)."""
         if self.world > 1:
             value = value.clone()
             dist.all_reduce(value)
-            value /= self.world
         return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over processes (identity in a single process)."""
+        return self.sum(value) / self.world if self.world > 1 else value
 
     def broadcast_flag(self, flag: bool) -> bool:
         """True on every process when it is true on any (e.g. a stop request or a time budget)."""
@@ -59,3 +66,66 @@ def setup(device: str) -> Dist:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism
+
+
+def parallelize(model: nn.Module, blocks: list[nn.Module], parallel: str, d: Dist) -> nn.Module:
+    """The module to call for training: ``model`` itself in one process; with several, DistributedDataParallel
+    around it (ddp) or FSDP2's ``fully_shard`` on every block and then the root (fsdp; ``model`` is sharded in
+    place and returned)."""
+    if d.world == 1:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    ids = [d.local_rank] if d.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+@contextmanager
+def gradient_sync(wrapped: nn.Module, sync: bool):
+    """Within the context, the backward pass all-reduces (reduce-scatters) gradients only when ``sync``: the
+    micro-batches before the last one of an accumulation just accumulate locally."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not sync:
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # an FSDP2 module
+        wrapped.set_requires_gradient_sync(sync)
+        yield
+    else:
+        with nullcontext():
+            yield
+
+
+def sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
+    """(weights, optimizer state), unsharded and on the CPU, keyed by parameter name: what a checkpoint holds
+    whatever the parallelism, so a one-process run reads an FSDP run's checkpoint. Every process must call it
+    (FSDP gathers); the result is complete on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if not any(opt.state for opt in optimizers):  # nothing to save yet (and no fake step to initialise it)
+        return weights, {}
+    return weights, get_optimizer_state_dict(model, optimizers, options=options)
+
+
+def load_full_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], weights: dict, state: dict) -> None:
+    """Inverse of ``full_state``: every process loads the full tensors and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    if state:
+        set_optimizer_state_dict(model, optimizers, state, options=options)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from nanoseek.config import TrainConfig
+from nanoseek.train.config import TrainConfig
 
 # Parameters of the residual connections and routers that are small coefficient tables, not weight matrices.
 _NO_DECAY_NAMES = ("b_res", "static_mix", "phi", "dynamic", "alpha", "scale_", "collapse", "router")
@@ -72,10 +72,12 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up to 1, then cosine down to
-    min_lr_ratio, or (wsd) constant and a linear decay over the last decay_fraction of the steps."""
+    """Learning-rate multiplier for step ``step`` (0-based): linear warm-up to 1, then cosine down to min_lr_ratio,
+    (wsd) constant and a linear decay over the last decay_fraction of the steps, or (constant) 1."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
     if cfg.schedule == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -6,18 +6,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.data.tokenizer import load_tokenizer
-from nanoseek.model import Transformer
 from nanoseek.model.generate import generate
-from nanoseek.train.checkpoint import load_checkpoint
-
-
-def load_model(ckpt: str | Path) -> tuple[Transformer, object]:
-    """(model in eval mode, tokenizer) from a checkpoint folder or a run folder's newest checkpoint."""
-    folder, cfg, weights, _ = load_checkpoint(ckpt)
-    model = Transformer(cfg.model)
-    model.load_state_dict(weights)
-    return model.eval(), load_tokenizer(folder)
+from nanoseek.train.load import load_model
 
 
 def sample_text(
@@ -32,7 +22,8 @@ def sample_text(
 ) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (the prompt included). Temperature 0 is greedy. The prompt and
     the new tokens must fit the model's context (``seq_len``); longer requests are an error naming the limit."""
-    model, tokenizer = load_model(ckpt)
+    loaded = load_model(ckpt)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer.encode(prompt) or tokenizer.encode("\n")  # an empty prompt starts at a line break
     room = model.cfg.seq_len - len(ids)
     if room < 1:

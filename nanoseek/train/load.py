@@ -1,0 +1,51 @@
+"""``load_model``: the one way every caller gets a trained model back from disk (sampling, the next stage's
+``--init``, evaluation, serving, export)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.data.tokenizer import load_tokenizer
+from nanoseek.model import Transformer
+from nanoseek.model.config import ModelConfig
+from nanoseek.schema import build_section
+from nanoseek.train.checkpoint import CheckpointError, load_checkpoint
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any
+    config: dict[str, Any]
+    """The checkpoint's run config as plain TOML tables (every section it was saved with: [model], [data],
+    [train], and [task], [grpo], ... for the reasoning stages)."""
+    folder: Path
+    """The checkpoint folder actually read."""
+    step: int
+    stage: str
+    """The stage that wrote the checkpoint: pretrain, sft, grpo, ..."""
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", train: bool = False) -> LoadedModel:
+    """The model (in eval mode unless ``train``) and tokenizer of a checkpoint folder, or of a run folder's newest
+    checkpoint; hashes are verified and nothing is executed while loading."""
+    checkpoint = load_checkpoint(path)
+    where = str(checkpoint.folder / "config.toml")
+    cfg = build_section(ModelConfig, checkpoint.config.get("model", {}), "model", where)
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(checkpoint.weights)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines() or ["mismatch"]
+        weights = checkpoint.folder / "model.safetensors"
+        raise CheckpointError(f"{weights} does not fit its config.toml: {lines[-1].strip()}") from None
+    model.to(device).train(train)
+    state = checkpoint.state
+    return LoadedModel(
+        model, load_tokenizer(checkpoint.folder), checkpoint.config, checkpoint.folder, int(state.get("step", 0)),
+        str(state.get("stage", "pretrain")),
+    )  # fmt: skip
