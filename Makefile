@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # brings their own torch and it is kept.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test lint format bench demo train-demo reason-demo clean
+.PHONY: venv test test-fast lint format bench demo train-demo reason-demo clean
 
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -26,8 +26,12 @@ format: venv
 	$(PY) -m ruff format nanoseek tests benchmarks
 	$(PY) -m ruff check --fix nanoseek tests benchmarks
 
+# The full suite (CI runs this); `make test-fast` leaves out the end-to-end runs marked slow.
 test: lint
 	OMP_NUM_THREADS=2 $(PY) -m pytest
+
+test-fast: lint
+	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not slow"
 
 # Train the demo model on the embedded Python docs (about 8 minutes on 2 cores), then print samples
 # (prompt + new tokens must fit the demo's 128-byte context).
@@ -43,7 +47,7 @@ clean:
 
 # Reasoning by RL at laptop scale: SFT cold start, evaluate, GRPO vs an extra-SFT control, evaluate, 3 seeds.
 reason-demo: venv
-	OMP_NUM_THREADS=1 $(PY) -m nanoseek.rl.demo --out runs/reason-demo-$(shell date +%Y%m%d-%H%M%S)
+	OMP_NUM_THREADS=1 $(PY) -m nanoseek reason-demo --out runs/reason-demo-$(shell date +%Y%m%d-%H%M%S)
 
 # The efficiency table: plain + AdamW vs HC, mHC and Muon, 3 seeds each (≤ 20 minutes on 2 idle cores). Finished
 # runs are cached in runs/compare-demo, so a second `make demo` only prints the table again.

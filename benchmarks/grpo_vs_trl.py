@@ -1,4 +1,4 @@
-"""Seconds per GRPO step: nanoseek's GRPOTrainer vs TRL's GRPOTrainer, same model shape, prompts and settings.
+"""Seconds per GRPO step: nanoseek's GRPO stage vs TRL's GRPOTrainer, same model shape, prompts and settings.
 
 Setup (DESIGN.md §5 peer numbers): a random Llama-shaped model — width 256, FFN 688, 4 layers, 4 heads, tied
 embeddings, a 49-token character vocabulary (≈ 3.2M parameters) — 4 prompts × 8 completions per step, at most
@@ -28,8 +28,11 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.tasks import make_task
-from nanoseek.rl.grpo import GRPOConfig, GRPOTrainer
-from nanoseek.rl.rewards import accuracy_reward, format_reward, render_prompt
+from nanoseek.data.templates import render_prompt
+from nanoseek.rl.grpo import GRPO, GRPOConfig
+from nanoseek.rl.rewards import accuracy_reward, format_reward
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.engine import Engine
 
 CHARS = "0123456789+-*/=()<>\n abcdefghijklmnopqrstuvwxyz"  # 47 characters, then <pad> and <eos>: 49 tokens
 PAD, EOS = len(CHARS), len(CHARS) + 1
@@ -76,19 +79,13 @@ def run_nanoseek(steps: int) -> tuple[list[float], list[float], float]:
     cfg = ModelConfig(
         vocab_size=EOS + 1, d_model=WIDTH, n_layers=LAYERS, n_heads=HEADS, ffn_hidden=FFN, seq_len=SEQ, norm_eps=1e-6
     )
-    model = Transformer(cfg)
+    train = TrainConfig(lr=LR, weight_decay=0.0, warmup_steps=0, schedule="constant", batch_size=PROMPTS)
+    engine = Engine(Transformer(cfg), train, log=lambda message: None)
+    model = engine.model
     task, _ = problems(1)
+    task.template, task.max_new_tokens, task.stop = "compact", NEW_TOKENS, ()
     rewards = {"accuracy": (accuracy_reward(task), 1.0), "format": (format_reward, 0.1)}
-    grpo = GRPOConfig(
-        group_size=GROUP,
-        prompts_per_step=PROMPTS,
-        max_new_tokens=NEW_TOKENS,
-        loss_type="dapo",
-        beta=0.0,
-        stop=(),
-        template="compact",
-    )
-    trainer = GRPOTrainer(model, torch.optim.AdamW(model.parameters(), lr=LR), CharTokenizer(), task, grpo, rewards)
+    trainer = GRPO(engine, CharTokenizer(), task, GRPOConfig(group_size=GROUP, loss_type="dapo", beta=0.0), rewards)
     prompt_len = statistics.mean(len(render_prompt("compact", p.question)) for p in problems(PROMPTS * steps)[1])
     times, generation, tokens = [], [], []
     for _ in range(steps):

@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.config import TrainConfig
+from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

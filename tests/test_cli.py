@@ -55,6 +55,7 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert "already holds checkpoints; continue it with --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_as_shells_expect(tmp_path, sig, code):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,30 +75,6 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_as_shells_expect(tmp_pat
     assert summary["signal"] == sig.name
     assert (tmp_path / f"ckpt-{summary['step']:07d}" / "meta.json").is_file()
     assert "continue with --resume" in err
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    common = ["--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=4"]
-    one = run_cli("train", *TINY, *common, "--set", "train.batch_size=4", "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek", "train",
-         *TINY, *common, "--set", "train.batch_size=2", "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-
-    def read(run):
-        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    a, b = read("one"), read("two")
-    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
-    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
 
 
 def test_every_preset_is_a_valid_config():

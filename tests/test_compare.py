@@ -94,6 +94,7 @@ def test_runs_are_interleaved_by_seed_and_keyed_by_their_config(tmp_path, text_f
 # the cache
 
 
+@pytest.mark.slow
 def test_cache_skips_finished_runs_resumes_interrupted_ones_and_reruns_changed_ones(tmp_path, text_file, monkeypatch):
     trained = []
     real_train_run = compare.train_run
@@ -240,6 +241,7 @@ def test_a_given_target_is_measured_against_the_baselines_own_time_to_reach_it(t
 # end to end
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path, capsys):
     out = tmp_path / "smoke"
     assert main(["compare", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoseek.config import DataConfig
+from nanoseek.data.config import DataConfig
 from nanoseek.data.corpus import Corpus, load_corpus, python_docs
 from nanoseek.data.loader import load_token_data, train_batch, val_batches
 from nanoseek.data.tokenizer import ByteTokenizer, load_tokenizer, prepare_text

@@ -290,6 +290,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_keep_biases_identical(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -92,7 +92,9 @@ class TrainConfig:
         check_choice("device", self.device, DEVICES)
         check_choice("parallel", self.parallel, PARALLEL)
         check_choice("on_nan", self.on_nan, ON_NAN)
-        require_finite("lr", self.lr, 0, strict=True)
+        # above ~1e37 Adam's step size (lr / (1 - beta1^t)) overflows float32; no optimizer here is stable near 1e3
+        ok = isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr <= 1e3
+        require(ok, "lr", self.lr, "expected a finite number in (0, 1000]")
         require_finite("max_time", self.max_time, 0)
         require_finite("weight_decay", self.weight_decay, 0)
         require_finite("grad_clip", self.grad_clip, 0)

@@ -72,21 +72,22 @@ def teardown() -> None:
 # Data parallelism
 
 
-def parallelize(model: nn.Module, blocks: list[nn.Module], parallel: str, d: Dist) -> nn.Module:
-    """The module to call for training: ``model`` itself in one process; with several, DistributedDataParallel
-    around it (ddp) or FSDP2's ``fully_shard`` on every block and then the root (fsdp; ``model`` is sharded in
-    place and returned)."""
-    if d.world == 1:
-        return model
-    if parallel == "fsdp":
+def parallelize(model: nn.Module, parallel: str, compile: bool, d: Dist) -> nn.Module:
+    """The module to call for training: ``model`` (compiled if asked) in one process; with several,
+    DistributedDataParallel around it (ddp), or FSDP2's ``fully_shard`` on every block and then the root (fsdp:
+    ``model`` is sharded in place, its parameters replaced by sharded ones, then compiled if asked)."""
+    if d.world > 1 and parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in blocks:
+        for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        return model
+        return torch.compile(model) if compile else model
+    compiled = torch.compile(model) if compile else model
+    if d.world == 1:
+        return compiled
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=ids)
 
 
 @contextmanager

@@ -54,9 +54,8 @@ class Engine:
         self.dist = dist or distributed.setup(cfg.device)
         configure_threads(cfg.threads)
         self.model = model.to(self.dist.device)
-        self.optimizers = build_optimizers(self.model, cfg)
-        compiled = torch.compile(self.model) if cfg.compile else self.model
-        self.forward = distributed.parallelize(compiled, list(self.model.blocks), cfg.parallel, self.dist)
+        self.forward = distributed.parallelize(self.model, cfg.parallel, cfg.compile, self.dist)
+        self.optimizers = build_optimizers(self.model, cfg)  # after sharding: FSDP replaces the parameters
         self.skipped, self.updates, self._label = 0, 0, "step ?"
 
     @property
