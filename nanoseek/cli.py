@@ -124,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = provenance()
     data = load_token_data(DataConfig(source=args.data), seq_len=1)
     info["corpus"] = data.metadata
-    info["presets"] = {kind or "train": preset_names(kind) for kind in ("", "sft", "grpo", "compare")}
+    info["presets"] = {kind or "train": preset_names(kind) for kind in ("", "sft", "grpo", "distill", "compare")}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -133,7 +133,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from nanoseek.config import describe, load_run_config, preset_names
 
     if args.list:
-        for kind in ("", "sft", "grpo", "compare"):
+        for kind in ("", "sft", "grpo", "distill", "compare"):
             print(f"{kind or 'train'}: {', '.join(preset_names(kind))}")
         return 0
     kind, _, name = (args.preset or "").rpartition("/")
@@ -168,6 +168,8 @@ def _stage_config(args: argparse.Namespace, kind: str):
 def cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.rl.stages import run_sft
 
+    if args.data is not None:
+        args.set = [f"sft.data={json.dumps(str(args.data))}", *args.set]
     cfg = _stage_config(args, "sft")
     options = {"progress": not args.no_progress, **_observers(cfg)}
     return _report(run_sft(cfg, args.out, init=args.init, resume=args.resume, **options))
@@ -179,6 +181,24 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     cfg = _stage_config(args, "grpo")
     options = {"progress": not args.no_progress, **_observers(cfg)}
     return _report(run_grpo(cfg, args.out, init=args.init, resume=args.resume, **options))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from nanoseek.config import checkpoint_config
+    from nanoseek.rl.stages import run_distill
+
+    if not args.resume and bool(args.student) == bool(args.preset or args.config):
+        raise ValueError("give the student as exactly one of --student CKPT or --preset NAME / --config FILE.toml")
+    distill = [f"distill.mode={args.mode!r}"] if args.mode else []
+    if args.teacher:
+        distill.append(f"distill.teacher={json.dumps(str(args.teacher))}")
+    args.init, args.set = args.student, [*distill, *args.set]
+    cfg = _stage_config(args, "distill")
+    if cfg.task is None and args.teacher:  # the teacher's task, when neither the student nor the config names one
+        teacher = checkpoint_config(args.teacher)
+        cfg.task = teacher.task
+    options = {"progress": not args.no_progress, **_observers(cfg)}
+    return _report(run_distill(cfg, args.out, init=args.student, resume=args.resume, **options))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -193,12 +213,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = {"task": cfg.to_dict()["task"]} if cfg.task is not None and not args.task else {}
         overrides = ([f"task.name={args.task!r}"] if args.task else []) + args.set
         task = load_run_config([], overrides, base=base).task
-    result = run_eval(args.ckpt, task=task, n=args.n, samples=args.samples, seed=args.seed)
+    result = run_eval(args.ckpt, task=task, n=args.n, samples=args.samples, seed=args.seed, pass_at=args.pass_at_k)
     if args.json:
         print(json.dumps({"task": result.task, "n": result.n, "samples": result.samples, **result.metrics()}))
     else:
         print(result.report())
     return 0
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 1,4,16,64"
+        ) from None
+    if not ks or ks[0] < 1 or ks[-1] > 4096:
+        raise argparse.ArgumentTypeError(f"{text!r}: every k must be in 1..4096")
+    return ks
 
 
 def _add_stage_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -290,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stage_args(p, "sft")
     p.add_argument("--init", help="start from this checkpoint (or run folder) instead of a fresh model")
+    p.add_argument(
+        "--data",
+        metavar="FILE.jsonl",
+        help="learn from this JSONL file of prompt / completion rows (e.g. `nanoseek distill` traces) instead of the "
+        "task's examples (= sft.data)",
+    )
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser(
@@ -311,10 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser(
+        "distill",
+        help="distil a teacher into a student: rejection-sampled traces + SFT, or on-policy",
+        description="Distillation (R1 §4.1; Qwen3's on-policy distillation). --mode traces: the teacher samples "
+        "distill.samples completions of distill.problems training problems, the verifier keeps the right ones "
+        "(OUT/traces.jsonl, its cost in OUT/traces.json), and the student is fine-tuned on them. --mode on-policy: "
+        "the student samples, the teacher scores every token, and the advantage of a token is "
+        "-(log p_student - log p_teacher). The student's optimisation is [train]'s, the task [task]'s (default: the "
+        "teacher's).",
+        epilog="examples:\n  nanoseek distill --teacher runs/teacher --student runs/sft --mode traces --out runs/d1\n"
+        "  nanoseek distill --teacher runs/teacher --preset demo --mode on-policy --out runs/d2\n"
+        "  nanoseek sft --init runs/sft --data runs/d1/traces.jsonl --out runs/d3     the traces with plain SFT",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_stage_args(p, "distill")
+    p.add_argument("--teacher", help="the teacher checkpoint (or run folder)")
+    p.add_argument("--student", help="start the student from this checkpoint (else a fresh model from --preset)")
+    p.add_argument("--mode", choices=("traces", "on-policy"), help="= distill.mode (default traces)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
         "eval",
         help="accuracy of a checkpoint on a task's test split",
-        description="pass@1 greedy, pass@1 sampled and maj@k on the first --n test problems, with 95%% Wilson "
-        "intervals, and a few example completions. Task, template and token budget default to the checkpoint's.",
+        description="pass@1 greedy, pass@1 sampled, maj@k and (with --pass-at-k) pass@k on the first --n test "
+        "problems, with 95%% Wilson intervals, and a few example completions. Task, template and token budget default "
+        "to the checkpoint's.",
     )
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--task", help="task name (default: the checkpoint's [task])")
@@ -322,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="test problems (default 200)")
     p.add_argument("--samples", type=int, default=4, help="k samples per problem for pass@1 sampled and maj@k")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument(
+        "--pass-at-k",
+        type=_k_list,
+        default=(),
+        metavar="K,K,...",
+        help="also pass@k for these k (e.g. 1,4,16,64), unbiased estimator of Chen et al. 2021 from one set of "
+        "max(k) samples per problem (raises --samples to the largest k)",
+    )
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     p.set_defaults(func=cmd_eval)
 

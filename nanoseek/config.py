@@ -4,7 +4,9 @@
     [data]    nanoseek.data.config.DataConfig        the corpus and the tokenizer
     [train]   nanoseek.train.config.TrainConfig      the engine: batch, optimizer, schedule, precision, ...
     [task]    nanoseek.data.tasks.TaskConfig         reasoning stages: the problems and how they are put to a model
+    [sft]     nanoseek.train.sft.SFTConfig           what SFT learns from (the task's examples, or a JSONL file)
     [grpo]    nanoseek.rl.grpo.GRPOConfig            GRPO's own hyper-parameters
+    [distill] nanoseek.rl.distill.DistillConfig      how a teacher's knowledge reaches a student
 
 A config is read from a preset (TOML shipped in the package), then ``--config`` files in order, then ``--set
 section.key=value`` overrides; invalid values fail before any work, naming the key, the value and what is allowed.
@@ -23,9 +25,11 @@ import tomli_w
 from nanoseek.data.config import DataConfig
 from nanoseek.data.tasks import TaskConfig
 from nanoseek.model.config import ModelConfig
+from nanoseek.rl.distill import DistillConfig
 from nanoseek.rl.grpo import GRPOConfig
 from nanoseek.schema import build_section, field_docs, parse_override, read_toml
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.sft import SFTConfig
 
 PRESETS = "nanoseek.presets"
 
@@ -39,14 +43,18 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     task: TaskConfig | None = None
+    sft: SFTConfig | None = None
     grpo: GRPOConfig | None = None
+    distill: DistillConfig | None = None
 
     SECTIONS: ClassVar[dict[str, type]] = {
         "model": ModelConfig,
         "data": DataConfig,
         "train": TrainConfig,
         "task": TaskConfig,
+        "sft": SFTConfig,
         "grpo": GRPOConfig,
+        "distill": DistillConfig,
     }
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "data", "train")
 

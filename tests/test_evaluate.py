@@ -1,5 +1,7 @@
 """Evaluation: Wilson intervals by hand, majority voting, pass@1 and maj@k counting, and a real run end to end."""
 
+import math
+
 import pytest
 import torch
 
@@ -76,3 +78,45 @@ def test_evaluate_runs_a_real_model_end_to_end():
         assert (est.value, est.low) == (0.0, 0.0) and est.high == pytest.approx(ev.wilson_interval(0.0, 6)[1])
     assert r.greedy_format == 0.0 and r.greedy_length == 8.0
     assert len(r.examples) == 2 and r.examples[0]["question"] == task.problems("test", 1)[0].question
+
+
+def test_pass_at_k_equals_the_brute_force_share_of_k_subsets():
+    from itertools import combinations
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(combinations(outcomes, k))
+                exact = sum(any(s) for s in subsets) / len(subsets)
+                assert ev.pass_at_k(n, c, k) == pytest.approx(exact, abs=1e-12)
+    assert ev.pass_at_k(64, 1, 1) == pytest.approx(1 / 64) and ev.pass_at_k(64, 1, 64) == 1.0
+    assert ev.pass_at_k(200, 3, 50) == pytest.approx(1 - math.comb(197, 50) / math.comb(200, 50), rel=1e-12)
+    with pytest.raises(ValueError, match="pass@k"):
+        ev.pass_at_k(4, 5, 2)
+
+
+def test_evaluate_reports_pass_at_k_from_one_set_of_samples(monkeypatch):
+    task = make_task("arithmetic", digits=2)
+    problems = task.problems("test", 2)
+    answers = {p.question: p.answer for p in problems}
+    right_per_problem = {0: 1, 1: 0}  # problem 0: 1 of 4 samples right; problem 1: none
+
+    def fake_complete(model, tokenizer, prompts, max_new_tokens, **sampling):
+        out, seen = [], {}
+        for prompt in prompts:
+            j = [p.question for p in problems].index(prompt.split("\n")[0])
+            seen[j] = seen.get(j, 0) + 1
+            right = sampling["temperature"] > 0 and seen[j] <= right_per_problem[j]
+            out.append(f"x</think><answer>{answers[problems[j].question] if right else '-1'}</answer>")
+        return None, [list(t.encode()) for t in out], None
+
+    monkeypatch.setattr(ev, "complete", fake_complete)
+    r = ev.evaluate(None, ByteTokenizer(), task, n=2, samples=4, pass_at=(1, 2, 4))
+    assert r.pass_at[1].value == pytest.approx((1 / 4 + 0) / 2)
+    assert r.pass_at[2].value == pytest.approx((ev.pass_at_k(4, 1, 2) + 0) / 2) == pytest.approx(0.25)
+    assert r.pass_at[4].value == pytest.approx(0.5)
+    assert (r.pass_at[4].low, r.pass_at[4].high) == ev.wilson_interval(0.5, 2)
+    assert r.metrics()["pass4"] == 0.5 and "pass@4" in r.report()
+    with pytest.raises(ValueError, match=r"pass@k=\[8\] is invalid: expected integers k in 1..samples=4"):
+        ev.evaluate(None, ByteTokenizer(), task, n=2, samples=4, pass_at=(8,))

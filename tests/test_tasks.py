@@ -58,12 +58,25 @@ def test_countdown_generates_with_every_number_and_verifier_accepts_other_soluti
     for i in range(100):
         p = task.problem("train", 1, i)
         assert sorted(parse_expression(p.answer).numbers) == sorted(p.fields["numbers"])
-        assert 1 <= p.fields["target"] <= 100
+        assert 1 <= p.fields["target"] <= 100 and p.fields["target"] not in p.fields["numbers"]
+        assert task.verify(p.answer, **p.fields)
     numbers, target = [3, 5, 7, 7], 22
-    assert task.verify("3*5+7", numbers, target)  # a number may stay unused
-    assert task.verify(" 7 + (3 * 5) ", numbers, target)
+    assert task.verify(" 7 + (7 + 3) + 5", numbers, target)  # every number exactly once
+    assert task.verify(" 7/7 + 7 + 3 * 5 - 1*1 ", [7, 7, 7, 3, 5, 1, 1], 22)
     assert task.verify("(7/7+3)*5+2*0", [7, 7, 3, 5, 2, 0], 20)  # exact rationals: 7/7 = 1
     assert task.verify("7*(3+5/7)+(7-7)", [7, 3, 5, 7, 7, 7], 26)  # 5/7 is exact, no float rounding
+
+
+def test_countdown_uses_every_number_exactly_once_unless_told_otherwise():
+    exact, lenient = make_task("countdown"), make_task("countdown", rule="at_most_once")
+    numbers, target = [3, 5, 7, 7], 22
+    assert not exact.verify("3*5+7", numbers, target)  # a 7 unused: wrong under TinyZero's rule
+    assert lenient.verify("3*5+7", numbers, target)
+    for task in (exact, lenient):
+        assert not task.verify("3*5+7+7-7", numbers, target)  # a 7 three times, given twice: wrong under both
+        assert task.verify("7+7+3+5", numbers, target)
+    with pytest.raises(ValueError, match="rule='sometimes' is invalid: expected one of exact, at_most_once"):
+        make_task("countdown", rule="sometimes")
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,12 @@ def test_time_budget_stops_with_an_evaluation_and_a_checkpoint(text_file, tmp_pa
     assert summary["final"]["val_loss"] is not None and ckpt.list_checkpoints(tmp_path)
 
 
+def test_compute_budget_stops_at_the_first_step_that_reaches_it(text_file, tmp_path):
+    per_step = 4 * 32 * Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32)).flops_per_token()
+    summary = train(tiny(text_file, "train.steps=1000", f"train.max_flops={2.5 * per_step}"), tmp_path)
+    assert summary["stop_reason"] == "max_flops" and summary["step"] == 3 and summary["flops"] == 3 * per_step
+
+
 def test_learning_rate_schedules_by_hand():
     cos = TrainConfig(steps=10, warmup_steps=2, min_lr_ratio=0.1, schedule="cosine")
     assert [lr_factor(s, cos) for s in (0, 1)] == [0.5, 1.0]

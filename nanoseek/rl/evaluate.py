@@ -4,10 +4,14 @@
 * pass@1 sampled: mean over problems of the share of k samples that verify (the unbiased pass@1 estimate).
 * maj@k: share of problems whose most frequent answer among k samples (compared by ``task.canonical``; ties go
   to the answer seen first) verifies.
+* pass@k: the chance that at least one of k samples verifies, by the unbiased estimator of Chen et al. 2021
+  (arXiv 2107.03374): with n samples of which c verify, 1 − C(n − c, k) / C(n, k), averaged over problems — every k
+  from one set of n ≥ max(k) samples, so the curve over k is one measurement, not several.
 
 Intervals are Wilson score intervals over the n problems (Wilson 1927): unlike the normal approximation they stay
-inside [0, 1] and keep their coverage near 0 % and 100 %, where small models live. For pass@1 sampled, a mean of
-per-problem rates in [0, 1] whose variance is at most p(1 − p), the same interval is conservative. The intervals
+inside [0, 1] and keep their coverage near 0 % and 100 %, where small models live. For pass@1 sampled and pass@k,
+means of per-problem values in [0, 1] — whose variance is at most p(1 − p) for any such variable with mean p — the
+same interval is conservative. The intervals
 cover the sampling of problems (and of completions), not the variation between training seeds.
 """
 
@@ -61,13 +65,17 @@ class EvalResult:
     """Mean length of the greedy completions, in tokens."""
     sampled: Estimate | None = None
     majority: Estimate | None = None
+    pass_at: dict[int, Estimate] = field(default_factory=dict)
+    """pass@k for each k asked, from the same samples."""
     examples: list[dict[str, Any]] = field(default_factory=list)
     """A few greedy completions: question, completion, correct."""
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for metrics.jsonl."""
         out = {"format_greedy": self.greedy_format, "completion_len_greedy": self.greedy_length}
-        for name, est in (("pass1_greedy", self.greedy), ("pass1_sampled", self.sampled), ("maj", self.majority)):
+        named = [("pass1_greedy", self.greedy), ("pass1_sampled", self.sampled), ("maj", self.majority)]
+        named += [(f"pass{k}", est) for k, est in self.pass_at.items()]
+        for name, est in named:
             if est is not None:
                 out.update({name: est.value, f"{name}_low": est.low, f"{name}_high": est.high})
         return out
@@ -76,6 +84,7 @@ class EvalResult:
         rows = [("pass@1 greedy", self.greedy)]
         if self.sampled is not None:
             rows += [("pass@1 sampled", self.sampled), (f"maj@{self.samples}", self.majority)]
+        rows += [(f"pass@{k}", est) for k, est in self.pass_at.items()]
         lines = [f"{self.task}: {self.n} test problems, 95% Wilson intervals", f"{'metric':<16}{'value':>8}  95% CI"]
         lines += [f"{name:<16}{e.value:>8.1%}  [{e.low:.1%}, {e.high:.1%}]" for name, e in rows]
         lines.append(f"{'format (greedy)':<16}{self.greedy_format:>8.1%}")
@@ -83,6 +92,15 @@ class EvalResult:
             mark = "right" if ex["correct"] else "wrong"
             lines.append(f"--- {mark}: {ex['question']}\n{ex['completion']}")
         return "\n".join(lines)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are right (Chen et al. 2021): 1 − C(n−c, k) / C(n, k), as the
+    product 1 − Π_{i=n−c+1}^{n} (1 − k/i), which never forms the huge binomials."""
+    require(0 <= c <= n and 1 <= k <= n, "pass@k", (n, c, k), "expected 0 <= c <= n and 1 <= k <= n")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def majority_answer(task: Task, completions: list[str]) -> str | None:
@@ -117,12 +135,15 @@ def evaluate(
     batch_size: int = 64,
     n_examples: int = 3,
     allow_fewer: bool = False,
+    pass_at: tuple[int, ...] = (),
 ) -> EvalResult:
     """Evaluate on the first ``n`` distinct test problems (the same set for every model and seed), prompted with
     the task's template, budget and stop strings; ``samples`` = k completions per problem for pass@1 sampled and
     maj@k (0: greedy only); ``seed`` seeds the sampling. ``allow_fewer``: a task with fewer test problems is
-    evaluated on all it has (else that is an error)."""
+    evaluated on all it has (else that is an error). ``pass_at``: the k of pass@k, each at most ``samples``."""
     require(isinstance(samples, int) and samples >= 0, "samples", samples, "expected an integer >= 0")
+    bad = [k for k in pass_at if not (isinstance(k, int) and 1 <= k <= samples)]
+    require(not bad, "pass@k", bad, f"expected integers k in 1..samples={samples}")
     require(isinstance(batch_size, int) and batch_size >= 1, "batch_size", batch_size, "expected an integer >= 1")
     problems = task.problems("test", n, seed=0, allow_fewer=allow_fewer)
     n = len(problems)
@@ -157,11 +178,15 @@ def evaluate(
     if samples:
         generator = torch.Generator().manual_seed(seed)
         sampled = run(samples, temperature=temperature, top_p=top_p, generator=generator)
-        rate, majority = 0.0, 0
+        rate, majority, at_k = 0.0, 0, dict.fromkeys(pass_at, 0.0)
         for j, p in enumerate(problems):
             group = sampled[j * samples : (j + 1) * samples]
-            rate += sum(_correct(task, c, p.fields) for c in group) / samples
+            right = sum(_correct(task, c, p.fields) for c in group)
+            rate += right / samples
+            for k in at_k:
+                at_k[k] += pass_at_k(samples, right, k)
             voted = majority_answer(task, group)
             majority += voted is not None and task.verify(voted, **p.fields)
         result.sampled, result.majority = Estimate.of(rate / n, n), Estimate.of(majority / n, n)
+        result.pass_at = {k: Estimate.of(v / n, n) for k, v in sorted(at_k.items())}
     return result

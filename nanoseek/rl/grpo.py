@@ -36,12 +36,14 @@ from typing import Any
 import torch
 
 from nanoseek.data.tasks import Task
+from nanoseek.rl.process import process_advantages, rollout_steps
 from nanoseek.rl.rewards import RewardFn, default_rewards, overlong_reward
 from nanoseek.rl.rollout import Rollout, sample_rollout, token_logprobs
 from nanoseek.schema import check_choice, require, require_int
 from nanoseek.train.engine import Engine
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "gspo")
+ADVANTAGES = ("outcome", "process")
 
 
 def zero_variance_groups(rewards: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,9 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss −J of the module docstring for one (micro-)batch, and statistics (clip fraction, mean KL).
 
-    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). The normalisers default to this batch's own
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,) one per completion, or (N, T) one per token (process
+    rewards, on-policy distillation; not with gspo, whose ratio is per sequence). The normalisers default to this
+    batch's own
     (N sequences, its real-token count, T); a caller splitting a batch into micro-batches passes the whole batch's
     so that the micro-batch losses add up to the batch loss. Every loss type is 0, with zero gradients, on a batch
     without completion tokens."""
@@ -100,6 +104,8 @@ def grpo_loss(
     lo, hi = 1 - epsilon_low, 1 + epsilon_high
 
     if loss_type == "gspo":
+        if advantages.dim() != 1:
+            raise ValueError("loss_type='gspo' is invalid with per-token advantages: its ratio is per sequence")
         ratio = torch.exp(((logp - old_logp) * m).sum(-1) / lengths)  # (N,) sequence-level ratio s_i
         unclipped, clipped = ratio * advantages, ratio.clamp(lo, hi) * advantages
         per_sequence = torch.minimum(unclipped, clipped) - beta * (kl * m).sum(-1) / lengths
@@ -107,7 +113,7 @@ def grpo_loss(
         clipped_tokens = (clipped < unclipped).to(logp.dtype)[:, None] * m  # a clipped sequence cuts all its tokens
     else:
         ratio = torch.exp(logp - old_logp)  # (N, T)
-        a = advantages[:, None]
+        a = advantages if advantages.dim() == 2 else advantages[:, None]
         unclipped, clipped = ratio * a, ratio.clamp(lo, hi) * a
         per_token = (torch.minimum(unclipped, clipped) - beta * kl) * m  # (N, T)
         if loss_type == "grpo":
@@ -159,6 +165,11 @@ class GRPOConfig:
     """Weight of the overlong punishment in the total reward."""
     format_weight: float = 0.1
     """Weight of the format reward next to accuracy (weight 1) in the default rewards; 0 = accuracy only."""
+    advantage: str = "outcome"
+    """outcome: one advantage per completion from its total reward, normalised in its group (GRPO's); process: a
+    reward for every verified step of the think block and for the answer, normalised over the group's steps, and
+    each token's advantage the sum of those of the steps ending at or after it (DeepSeekMath §4.1.3; rl/process.py).
+    Dynamic sampling still looks at the outcome rewards."""
     adv_eps: float = 1e-4
     """ε added to the group's reward std in the advantage."""
     logprob_chunk: int = 64
@@ -173,6 +184,9 @@ class GRPOConfig:
         require(self.temperature > 0, "temperature", self.temperature, "expected > 0 (GRPO samples)")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "expected a number in (0, 1]")
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("advantage", self.advantage, ADVANTAGES)
+        if self.advantage == "process" and self.loss_type == "gspo":
+            raise ValueError("advantage='process' is invalid with loss_type='gspo': its ratio is per sequence")
         require(0 <= self.epsilon_low < 1, "epsilon_low", self.epsilon_low, "expected a number in [0, 1)")
         require(self.epsilon_high >= 0, "epsilon_high", self.epsilon_high, "expected a number >= 0")
         for name in ("beta", "overlong_weight", "format_weight"):
@@ -311,10 +325,9 @@ class GRPO:
         to the batch loss."""
         c, engine, device = self.cfg, self.engine, self.engine.device
         t0 = time.perf_counter()
-        advantages = group_advantages(rollout.group_rewards(), scale=c.loss_type != "dr_grpo", eps=c.adv_eps)
-        advantages = advantages.flatten().float().to(device)
         ids, starts, completion_mask = (x.to(device) for x in rollout.batch())
         n, t = completion_mask.shape
+        advantages = self.advantages(rollout, t).to(device)
         lengths = starts + completion_mask.sum(-1)  # real tokens per row; right padding after them
         size = engine.cfg.batch_size * c.group_size
         parts = [slice(s, s + size) for s in range(0, n, size)]
@@ -363,6 +376,17 @@ class GRPO:
             "tokens": real_tokens * c.mu,
             "flops": flops,
         }
+
+    def advantages(self, rollout: Rollout, n_tokens: int) -> torch.Tensor:
+        """(N,) outcome advantages, or (N, n_tokens) process advantages."""
+        c = self.cfg
+        if c.advantage == "process":
+            steps = rollout_steps(
+                self.task, self.tokenizer, rollout.completions, rollout.completion_ids, rollout.fields
+            )
+            return process_advantages(steps, c.group_size, n_tokens, c.adv_eps)
+        advantages = group_advantages(rollout.group_rewards(), scale=c.loss_type != "dr_grpo", eps=c.adv_eps)
+        return advantages.flatten().float()
 
     def _logprobs(self, forward, ids: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, n_tokens: int):
         return token_logprobs(forward, ids, starts, n_tokens, self.cfg.temperature, self.cfg.logprob_chunk, lengths)

@@ -7,21 +7,24 @@ them, so the next stage, ``load_model`` and ``nanoseek sample`` read it like any
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanoseek.data.examples import TaskExamples
+from nanoseek.data.examples import JsonlExamples, TaskExamples
 from nanoseek.data.tasks import Task, TaskConfig
 from nanoseek.data.templates import render_target
 from nanoseek.model.config import ModelConfig
+from nanoseek.rl.distill import DistillConfig, OnPolicyDistill, rejection_sample
 from nanoseek.rl.evaluate import EvalResult, evaluate
 from nanoseek.rl.grpo import GRPO, GRPOConfig
 from nanoseek.schema import build_section
+from nanoseek.train.runfolder import write_atomic
 from nanoseek.train.runner import run
-from nanoseek.train.sft import SFT
+from nanoseek.train.sft import SFT, SFTConfig
 
 
 def task_of(cfg) -> Task:
@@ -72,17 +75,23 @@ def accuracy_evaluator(task: Task, tokenizer: Any, n: int) -> Callable[[torch.nn
 def run_sft(
     cfg, out: str | Path, *, init: str | Path | None = None, resume: bool = False, **run_options: Any
 ) -> dict[str, Any]:
-    """Supervised cold start on the task's worked solutions (train split): train.steps steps on the engine, from
-    ``init`` or from scratch; evaluation: held-out loss and greedy accuracy. ``run_options``: see train.runner.run."""
-    task = task_of(cfg)
+    """Supervised fine-tuning, from ``init`` or from scratch, on [sft]'s data: a JSONL file (sft.data), or the task's
+    examples — worked solutions (at most task.worked_examples of them) or answers alone (sft.targets). Evaluation:
+    held-out loss and, with a [task], greedy accuracy. ``run_options``: see train.runner.run."""
+    sft = cfg.sft if cfg.sft is not None else SFTConfig()
+    task = task_of(cfg) if cfg.task is not None or not sft.data else None
     if init is None and not resume and cfg.data.tokenizer != "byte":
         raise ValueError("data.tokenizer must be 'byte' for a model started from scratch (no corpus to fit BPE)")
+    examples = (
+        JsonlExamples(sft.data) if sft.data else TaskExamples(task, cfg.train.seed, sft.targets, task.worked_examples)
+    )
     t = cfg.train
 
     def build(engine, tokenizer) -> SFT:
-        check_task_fits(cfg.model, tokenizer, task, targets=True)
-        evaluator = accuracy_evaluator(task, tokenizer, t.eval_batches * t.batch_size)
-        return SFT(engine, tokenizer, TaskExamples(task, t.seed), cfg.model.seq_len, evaluator)
+        if task is not None and not sft.data:
+            check_task_fits(cfg.model, tokenizer, task, targets=True)
+        evaluator = accuracy_evaluator(task, tokenizer, t.eval_batches * t.batch_size) if task is not None else None
+        return SFT(engine, tokenizer, examples, cfg.model.seq_len, evaluator)
 
     return run(cfg, out, build, init=init, resume=resume, **run_options)
 
@@ -106,6 +115,46 @@ def run_grpo(
     return run(cfg, out, build, init=init, resume=resume, **run_options)
 
 
+def run_distill(cfg, out: str | Path, *, init: str | Path | None = None, resume: bool = False, **run_options: Any):
+    """Distil [distill].teacher into the student (``init``, or a fresh model from cfg.model) on the task's pool of
+    problems. traces: rejection-sample the teacher once into OUT/traces.jsonl (its cost in OUT/traces.json, reused
+    on resume), then SFT on the traces; on-policy: the OnPolicyDistill stage. Evaluation: greedy accuracy."""
+    from nanoseek.train.load import load_model
+
+    d = cfg.distill if cfg.distill is not None else DistillConfig()
+    if not d.teacher:
+        raise ValueError("no teacher: pass --teacher CKPT (or set distill.teacher)")
+    task = task_of(cfg)
+    teacher = load_model(d.teacher)
+    out = Path(out)
+    t = cfg.train
+
+    def build(engine, tokenizer):
+        if (teacher.tokenizer.name, teacher.tokenizer.vocab_size) != (tokenizer.name, tokenizer.vocab_size):
+            raise ValueError(f"the teacher's tokenizer ({teacher.tokenizer.name}) differs from the student's")
+        check_task_fits(cfg.model, tokenizer, task)
+        evaluator = accuracy_evaluator(task, tokenizer, t.eval_batches * t.batch_size)
+        if d.mode == "on-policy":
+            return OnPolicyDistill(engine, tokenizer, task, teacher.model, d, evaluator)
+        traces, stats = out / "traces.jsonl", out / "traces.json"
+        settings = {"teacher": str(teacher.folder), "distill": vars(d), "task": vars(cfg.task), "seed": t.seed}
+        done = json.loads(stats.read_text()) if stats.is_file() and traces.is_file() else {}
+        if done.get("settings") != settings:
+            cost = rejection_sample(
+                teacher.model, tokenizer, task, d, traces, seed=t.seed, teacher_name=str(teacher.folder)
+            )
+            write_atomic(stats, json.dumps({"settings": settings, **cost}, indent=1))
+            done = {"kept": cost["kept"]}
+        if not done["kept"]:
+            raise ValueError(
+                f"the teacher solved none of the {d.problems} problems ({d.samples} samples each): no traces to learn "
+                "from; use a stronger teacher, more samples, or more problems"
+            )
+        return SFT(engine, tokenizer, JsonlExamples(traces), cfg.model.seq_len, evaluator)
+
+    return run(cfg, out, build, init=init, resume=resume, **run_options)
+
+
 def run_eval(
     ckpt: str | Path,
     *,
@@ -115,9 +164,10 @@ def run_eval(
     seed: int = 0,
     temperature: float = 1.0,
     n_examples: int = 3,
+    pass_at: tuple[int, ...] = (),
 ) -> EvalResult:
     """Evaluate a checkpoint on the test split of ``task`` (default: the checkpoint's [task], with its template,
-    budget and stop strings)."""
+    budget and stop strings); ``pass_at``: the k of pass@k (``samples`` is raised to the largest)."""
     from nanoseek.train.load import load_model
 
     loaded = load_model(ckpt)
@@ -128,6 +178,6 @@ def run_eval(
     built = task.build()
     check_task_fits(loaded.model.cfg, loaded.tokenizer, built)
     return evaluate(
-        loaded.model, loaded.tokenizer, built, n=n, samples=samples, temperature=temperature, seed=seed,
-        n_examples=n_examples,
+        loaded.model, loaded.tokenizer, built, n=n, samples=max(samples, *pass_at, 0), temperature=temperature,
+        seed=seed, n_examples=n_examples, pass_at=pass_at,
     )  # fmt: skip

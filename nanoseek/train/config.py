@@ -24,6 +24,9 @@ class TrainConfig:
     """Steps of the stage (the lr schedule is laid out over them). A GRPO step makes grpo.mu optimizer updates."""
     max_time: float = 0.0
     """Stop after this many seconds of training (0 = no time budget); a checkpoint is written at the stop."""
+    max_flops: float = 0.0
+    """Stop once the run's cumulative analytic FLOPs reach this (0 = no compute budget): arms compared at equal
+    compute stop at the same FLOPs whatever their steps cost."""
     batch_size: int = 16
     """Examples per micro-batch per process: token windows (pretraining), prompt + completion pairs (SFT), prompts
     (GRPO, each with grpo.group_size sampled completions)."""
@@ -96,6 +99,7 @@ class TrainConfig:
         ok = isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr <= 1e3
         require(ok, "lr", self.lr, "expected a finite number in (0, 1000]")
         require_finite("max_time", self.max_time, 0)
+        require_finite("max_flops", self.max_flops, 0)
         require_finite("weight_decay", self.weight_decay, 0)
         require_finite("grad_clip", self.grad_clip, 0)
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")

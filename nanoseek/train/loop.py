@@ -14,8 +14,8 @@ and ``run_stage`` does everything else, the same way for all: the lr schedule, t
 joules of the caller's energy meter, accumulated over resumes, excluding each process's first step — compilation
 and allocator warm-up, reported as warmup_seconds — and evaluation / checkpoint time), evaluation every
 train.eval_every steps and at the end, metrics.jsonl, the progress bar, checkpoints every train.ckpt_every steps
-and at the end, the time budget, and Ctrl-C / SIGTERM (finish the step, evaluate, checkpoint, stop; a second signal
-aborts at once).
+and at the end, the time and compute budgets, and Ctrl-C / SIGTERM (finish the step, evaluate, checkpoint, stop;
+a second signal aborts at once).
 """
 
 from __future__ import annotations
@@ -221,6 +221,8 @@ def run_stage(
                 stop_reason = "interrupted"
             elif t.max_time and d.broadcast_flag(clock.wall + warmup >= t.max_time):
                 stop_reason = "max_time"
+            elif t.max_flops and counters["flops"] >= t.max_flops:
+                stop_reason = "max_flops"
             elif step == last:
                 stop_reason = "steps"
             record = {

@@ -9,11 +9,30 @@ prompt is tokenised at generation time, so the model learns to continue the prom
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from nanoseek.data.examples import TARGETS
+from nanoseek.schema import check_choice
 from nanoseek.train.engine import Engine
+
+
+@dataclass
+class SFTConfig:
+    """The [sft] section: what the supervised stage learns from (its optimisation is [train]'s)."""
+
+    data: str = ""
+    """A JSONL file of {"prompt", "completion"} rows (e.g. teacher traces from `nanoseek distill`); empty: the task's
+    own examples ([task])."""
+    targets: str = "worked"
+    """With the task's examples: worked (think block with the generator's worked solution, then the answer — at most
+    task.worked_examples of them) or answers (an empty think block and the answer alone, for every problem of the
+    pool)."""
+
+    def __post_init__(self) -> None:
+        check_choice("targets", self.targets, TARGETS)
 
 
 def sft_batch(
@@ -109,6 +128,9 @@ class SFT:
         if self._held_out is None:
             self._held_out = self.examples.held_out(t.eval_batches * t.batch_size * d.world)
         mine = self._held_out[d.rank :: d.world]
+        metrics = self.evaluator(engine.model) if self.evaluator is not None else {}
+        if not mine:  # nothing held out (a small JSONL file): no validation loss
+            return metrics
         engine.forward.eval()
         total, weight = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
         for s in range(0, len(mine), t.batch_size):
@@ -118,10 +140,7 @@ class SFT:
             n = (targets >= 0).sum()
             total, weight = total + loss * n, weight + n
         engine.forward.train()
-        metrics = {"val_loss": (d.sum(total) / d.sum(weight).clamp(min=1)).item()}
-        if self.evaluator is not None:
-            metrics |= self.evaluator(engine.model)
-        return metrics
+        return {"val_loss": (d.sum(total) / d.sum(weight).clamp(min=1)).item(), **metrics}
 
     def diagnostics(self) -> dict[str, Any]:
         return {}
