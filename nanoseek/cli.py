@@ -124,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = provenance()
     data = load_token_data(DataConfig(source=args.data), seq_len=1)
     info["corpus"] = data.metadata
-    info["presets"] = {kind or "train": preset_names(kind) for kind in ("", "sft", "grpo", "distill", "compare")}
+    info["presets"] = {kind or "train": preset_names(kind) for kind in ("", "sft", "grpo", "distill", "compare", "r1")}
     print(json.dumps(info, indent=1))
     return 0
 
@@ -133,7 +133,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from nanoseek.config import describe, load_run_config, preset_names
 
     if args.list:
-        for kind in ("", "sft", "grpo", "distill", "compare"):
+        for kind in ("", "sft", "grpo", "distill", "compare", "r1"):
             print(f"{kind or 'train'}: {', '.join(preset_names(kind))}")
         return 0
     kind, _, name = (args.preset or "").rpartition("/")
@@ -259,6 +259,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(render_headline(report))
     print(f"full report: {out / 'report.md'} (and report.json, plots, every run in {out / 'runs'})")
     return 0
+
+
+def cmd_r1_demo(args: argparse.Namespace) -> int:
+    from nanoseek.config import preset_path
+    from nanoseek.measure.r1demo import main_r1
+    from nanoseek.schema import parse_override
+
+    overrides = {}
+    for text in args.set:
+        section, key, value = parse_override(text)
+        if section != "r1":
+            raise ValueError(f"--set {text!r}: r1-demo takes only r1.KEY=VALUE (see nanoseek/presets/r1/)")
+        overrides[key] = value
+    out = Path(args.out or f"runs/r1-{args.preset}")
+    return main_r1(preset_path(args.preset, "r1"), out, overrides, args.report_only)
 
 
 def cmd_reason_demo(args: argparse.Namespace) -> int:
@@ -448,6 +463,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="samples per problem for pass@1 sampled and maj@k")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reason_demo)
+
+    p = sub.add_parser(
+        "r1-demo",
+        help="the R1 pipeline at laptop scale, each claim against its control (make r1-demo)",
+        description="R1-Zero, cold start + RL against SFT at equal compute, distillation (traces and on-policy) "
+        "against RL, process against outcome rewards, pass@k before and after RL — every arm a stage run on the "
+        "engine, 3 seeds, cached (rerun to continue), then report.md / report.json / PNGs in --out with one verdict "
+        "per claim. Presets: demo (≈ 30 min on 2 idle cores), full (hours), smoke (seconds; numbers mean nothing).",
+    )
+    p.add_argument("--preset", default="demo", help="r1 preset: demo, full or smoke (default demo)")
+    p.add_argument("--set", action="append", default=[], metavar="r1.KEY=VALUE", help="override a preset value")
+    p.add_argument("--out", help="output folder (default runs/r1-<preset>)")
+    p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from finished runs")
+    p.set_defaults(func=cmd_r1_demo)
 
     p = sub.add_parser("info", help="machine, versions, presets and corpus statistics")
     p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")

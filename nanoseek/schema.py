@@ -78,9 +78,10 @@ def build_section(cls: type, values: Any, section: str, where: str = "config") -
 
 
 def _typed(kind: str, name: str, value: Any, where: str) -> Any:
-    if kind == "tuple[str, ...]":  # a TOML array of strings
-        if not (isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)):
-            raise ValueError(f"{where}: {name}={value!r} has the wrong type: expected a list of strings")
+    if kind in ("tuple[str, ...]", "tuple[int, ...]"):  # a TOML array
+        item = str if kind == "tuple[str, ...]" else int
+        if not (isinstance(value, (list, tuple)) and all(type(x) is item for x in value)):
+            raise ValueError(f"{where}: {name}={value!r} has the wrong type: expected a list of {item.__name__}s")
         return tuple(value)
     py = {"int": int, "float": float, "bool": bool, "str": str}[kind]
     ok = isinstance(value, py) and not (py is int and isinstance(value, bool))

@@ -15,19 +15,19 @@ import statistics
 from matplotlib.figure import Figure
 
 
-def _axes() -> tuple[Figure, object]:
+def new_axes() -> tuple[Figure, object]:
     fig = Figure(figsize=(7, 4.5))
     return fig, fig.add_subplot()
 
 
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
 
 
 def loss_curves(report: dict, x_key: str, x_label: str) -> bytes:
-    fig, ax = _axes()
+    fig, ax = new_axes()
     for color, arm in enumerate(report["arms"]):
         runs = [r["evals"] for r in report["runs"] if r["arm"] == arm["name"]]
         n = min(len(e) for e in runs)  # all seeds of an arm evaluate at the same steps
@@ -44,14 +44,14 @@ def loss_curves(report: dict, x_key: str, x_label: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return to_png(fig)
 
 
 def gains_per_layer(report: dict) -> bytes | None:
     arms = [(f"C{i}", a) for i, a in enumerate(report["arms"]) if a["stability"]["layer_gains"]]  # colors as above
     if not arms:
         return None
-    fig, ax = _axes()
+    fig, ax = new_axes()
     values = [g[k] for _, a in arms for g in a["stability"]["layer_gains"] for k in ("forward_max", "backward_max")]
     for color, arm in arms:
         layers = arm["stability"]["layer_gains"]
@@ -69,7 +69,7 @@ def gains_per_layer(report: dict) -> bytes | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    return _png(fig)
+    return to_png(fig)
 
 
 def plot_report(report: dict) -> dict[str, bytes]:
