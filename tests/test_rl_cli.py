@@ -104,6 +104,13 @@ def test_sft_then_grpo_then_eval_end_to_end(sft_run, tmp_path, capsys):
     low, high = wilson_interval(result["pass1_greedy"], 6)
     assert (result["pass1_greedy_low"], result["pass1_greedy_high"]) == (low, high)
     assert result["pass1_greedy"] * 6 == round(result["pass1_greedy"] * 6)  # a count out of 6 problems
+    assert main(["eval", "--ckpt", str(tmp_path / "grpo"), "--n", "6", "--pass-at-k", "1,4", "--json"]) == 0
+    at = json.loads(capsys.readouterr().out)
+    assert at["samples"] == 4 and at["pass1"] == pytest.approx(at["pass1_sampled"])  # pass@1 is the sampled rate
+    assert at["pass1"] <= at["pass4"] <= at["pass1"] * 4  # more tries never lose, and gain at most k-fold
+    with pytest.raises(SystemExit) as refused:  # argparse's own error for a bad value: usage line, exit 2
+        main(["eval", "--ckpt", str(tmp_path / "grpo"), "--pass-at-k", "0,2"])
+    assert refused.value.code == 2 and "every k must be in 1..4096" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(tmp_path / "grpo"), "--n", "4", "--samples", "0"]) == 0
     assert "pass@1 greedy" in capsys.readouterr().out
 

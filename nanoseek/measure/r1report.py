@@ -127,21 +127,34 @@ def claims(c, out: Path, arms: dict) -> list[dict[str, Any]]:
 
     if {"r1-zero", "base"} <= set(arms):
         v, f = verdict(diff("r1-zero", "base"))
-        shape = []
-        for s in c.seeds:
-            steps = [r for r in read_metrics(out / f"seed{s}" / "r1-zero" / "metrics.jsonl") if "completion_len" in r]
-            fifth = max(1, len(steps) // 5)
-            first, last = steps[:fifth], steps[-fifth:]
-            shape.append({k: (statistics.fmean(r[k] for r in first), statistics.fmean(r[k] for r in last))
-                          for k in ("completion_len", "reward_format", "reward_accuracy")})  # fmt: skip
-        add(1, "R1-Zero: RL with rule-based rewards from a base that never saw a worked solution raises accuracy",
-            v, {"greedy pass@1, r1-zero − base": f, "first → last fifth of RL steps, per seed": shape})  # fmt: skip
+        shape = {}
+        for key in ("completion_len", "reward_format", "reward_accuracy"):
+            firsts, lasts = [], []
+            for s in c.seeds:
+                steps = [r for r in read_metrics(out / f"seed{s}" / "r1-zero" / "metrics.jsonl") if key in r]
+                fifth = max(1, len(steps) // 5)
+                firsts.append(statistics.fmean(r[key] for r in steps[:fifth]))
+                lasts.append(statistics.fmean(r[key] for r in steps[-fifth:]))
+            shape[key] = f"{statistics.fmean(firsts):.3g} → {statistics.fmean(lasts):.3g}"
+        add(
+            1,
+            "R1-Zero: RL with rule-based rewards from a base that never saw a worked solution raises accuracy",
+            v,
+            {
+                "greedy pass@1, r1-zero − base": f,
+                **{f"{k}, first → last fifth of the RL steps (mean over seeds)": x for k, x in shape.items()},
+            },  # fmt: skip
+        )
     if {"grpo", "sft-more", "sft-answers"} <= set(arms):
         v1, f1 = verdict(diff("grpo", "sft-more"))
         v2, f2 = verdict(diff("grpo", "sft-answers"))
         v = "confirmed" if v1 == v2 == "confirmed" else "reversed" if "reversed" in (v1, v2) else "not confirmed"
         add(2, "cold start + RL beats more SFT on the same worked examples, and SFT on the pool's answers, at equal "
             "compute", v, {"greedy pass@1, grpo − sft-more": f1, "greedy pass@1, grpo − sft-answers": f2})  # fmt: skip
+    missing = "not measured: the teacher's traces or the arm's runs are missing (see the run log)"
+    if "distill-traces" not in arms:
+        add(3, "distillation beats RL on the small student, at equal student compute", missing, {})
+        add(4, "on-policy distillation reaches the off-policy student's accuracy with fewer student FLOPs", missing, {})
     if {"distill-traces", "grpo"} <= set(arms):
         v, f = verdict(diff("distill-traces", "grpo"))
         add(3, "distillation (SFT on a larger RL teacher's verified traces) beats RL on the small student, at equal "
