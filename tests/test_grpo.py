@@ -28,12 +28,14 @@ def first_char_parity_unless_even_target(prompts, completions, target, **_):
     return [1.0 if t % 2 == 0 else float(ord(c[0]) % 2 if c else 0) for c, t in zip(completions, target, strict=True)]
 
 
-def trainer(seed=0, rewards=None, lr=1e-2, batch_size=4, grad_accum=1, optimizer="adamw", task=None, **cfg):
+def trainer(seed=0, rewards=None, lr=1e-2, batch_size=4, grad_accum=1, optimizer="adamw", task=None, dtype=None,
+            **cfg):  # fmt: skip
     """A GRPO stage on the engine: batch_size × grad_accum prompts per step, 8-token completions."""
     torch.manual_seed(seed)
     train = TrainConfig(lr=lr, weight_decay=0.0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
                         optimizer=optimizer, warmup_steps=0, schedule="constant")  # fmt: skip
-    engine = Engine(Transformer(TINY), train, log=lambda message: None)
+    model = Transformer(TINY) if dtype is None else Transformer(TINY).to(dtype)
+    engine = Engine(model, train, log=lambda message: None)
     if task is None:
         task = make_task("arithmetic", digits=1)
         task.max_new_tokens = 8
@@ -287,3 +289,26 @@ def test_a_batch_without_completion_tokens_has_zero_loss_and_zero_gradient(loss_
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(2, 3))
     assert stats["clip_fraction"].item() == 0.0 and stats["kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_skipping_zero_advantage_groups_gives_the_same_gradient_for_less_work(loss_type):
+    """With β = 0 the groups whose rewards are all equal add nothing to the gradient: leaving them out of the
+    forward and backward (and keeping the whole batch's normalisers) must give the same gradient and loss."""
+    runs = []
+    for skip in (False, True):
+        t = trainer(rewards={"r": (first_char_parity_unless_even_target, 1.0)}, loss_type=loss_type,
+                    skip_zero_advantage=skip, dtype=torch.float64)  # fmt: skip
+        grads = []
+
+        def keep(opt, args, kwargs, t=t, grads=grads):
+            grads.append([p.grad.clone() if p.grad is not None else None for p in t.model.parameters()])
+
+        t.engine.optimizers[0].register_step_pre_hook(keep)
+        runs.append((grads[0] if (metrics := t.step()) and grads else None, metrics))
+    (full, m_full), (skipped, m_skip) = runs
+    assert 0 < m_skip["zero_variance_frac"] < 1 and m_skip["trained_frac"] == 1 - m_skip["zero_variance_frac"]
+    assert m_full["trained_frac"] == 1.0 and m_skip["train_loss"] == pytest.approx(m_full["train_loss"], abs=1e-7)
+    for a, b in zip(full, skipped, strict=True):  # float64: equal up to summation order
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert m_skip["tokens"] < m_full["tokens"] and m_skip["flops"] < m_full["flops"]  # less work, counted as such

@@ -165,6 +165,11 @@ class GRPOConfig:
     """Weight of the overlong punishment in the total reward."""
     format_weight: float = 0.1
     """Weight of the format reward next to accuracy (weight 1) in the default rewards; 0 = accuracy only."""
+    skip_zero_advantage: bool = True
+    """With β = 0, leave completions whose advantage is 0 everywhere (e.g. every group whose rewards are all
+    equal) out of the forward and backward: they add exactly 0 to the loss and its gradient, and the normalisers
+    stay the whole batch's, so the update is the same for less work (tested). The entropy and clip fraction are
+    then over the trained tokens; an MoE model's balance loss covers the trained sequences only."""
     advantage: str = "outcome"
     """outcome: one advantage per completion from its total reward, normalised in its group (GRPO's); process: a
     reward for every verified step of the think block and for the answer, normalised over the group's steps, and
@@ -285,7 +290,8 @@ class GRPO:
         * when a batch was trained on (dynamic sampling may keep none): train_loss (at the first update),
           clip_fraction (mean over the μ updates), kl (to the reference; only with β > 0), entropy (nats per
           token), grad_norm (of the last update, before clipping), train_tokens_per_s (prompt + completion tokens
-          through the policy, counted once per update);
+          through the policy, counted once per update), trained_frac (completions trained on: with
+          skip_zero_advantage, those with a non-zero advantage);
         * tokens and flops: every token through the model, sampled or trained on, and the analytic FLOPs."""
         t0 = time.perf_counter()
         sampled, kept = self.collect()
@@ -328,12 +334,19 @@ class GRPO:
         ids, starts, completion_mask = (x.to(device) for x in rollout.batch())
         n, t = completion_mask.shape
         advantages = self.advantages(rollout, t).to(device)
+        n_tokens = int(completion_mask.sum())
+        # the normalisers are the whole batch's, whatever is skipped below
+        scale = {"n_sequences": n, "n_tokens": n_tokens, "max_tokens": self.task.max_new_tokens}
+        if c.skip_zero_advantage and c.beta == 0:
+            # with β = 0 a completion whose advantage is 0 everywhere adds exactly 0 to the loss and its gradient:
+            # leave it out of the forward and backward (TRL computes it anyway)
+            rows = (advantages.reshape(n, -1) != 0).any(-1).nonzero().flatten()
+            ids, starts, completion_mask, advantages = ids[rows], starts[rows], completion_mask[rows], advantages[rows]
+        kept = ids.shape[0]
         lengths = starts + completion_mask.sum(-1)  # real tokens per row; right padding after them
         size = engine.cfg.batch_size * c.group_size
-        parts = [slice(s, s + size) for s in range(0, n, size)]
-        n_tokens = int(completion_mask.sum())
-        scale = {"n_sequences": n, "n_tokens": n_tokens, "max_tokens": self.task.max_new_tokens}
-        ref = [None] * len(parts)
+        parts = [slice(s, s + size) for s in range(0, kept, size)]
+        ref: list[torch.Tensor | None] = [None] * len(parts)
         if self.reference is not None:
             with torch.no_grad(), engine.autocast():
                 ref = [self._logprobs(self.reference, ids[p], starts[p], lengths[p], t)[0] for p in parts]
@@ -349,29 +362,33 @@ class GRPO:
                     logp, old[k], advantages[p], completion_mask[p], loss_type=c.loss_type,
                     epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high, beta=c.beta, ref_logp=ref[k], **scale,
                 )  # fmt: skip
-                share = completion_mask[p].sum().item() / max(n_tokens, 1)
+                trained = max(int(completion_mask.sum()), 1)
+                share = completion_mask[p].sum().item() / trained
                 totals["clip_fraction"] += stats["clip_fraction"].item() * share / c.mu
                 if first:
                     totals["kl"] += stats["kl"].item() * share
-                    totals["entropy"] += (entropy * completion_mask[p]).sum().item() / max(n_tokens, 1)
+                    totals["entropy"] += (entropy * completion_mask[p]).sum().item() / trained
                 balance = self.model.balance_loss()  # MoE's sequence-wise balance loss, over this micro-batch
-                return value + balance * (min(p.stop, n) - p.start) / n
+                return value + balance * (min(p.stop, kept) - p.start) / max(kept, 1)
 
             return loss
 
-        for iteration in range(c.mu):
+        grad_norm = 0.0
+        for iteration in range(c.mu if kept else 0):  # nothing to learn from: no update at all
             result = engine.update([micro(k, p, iteration == 0) for k, p in enumerate(parts)])
+            grad_norm = result.grad_norm
             if iteration == 0:
                 totals["train_loss"] = result.loss
         train_time = time.perf_counter() - t0
         if self.reference is None:
             del totals["kl"]
-        real_tokens = int(starts.sum().item()) + n_tokens  # prompt + completion tokens, once per update
-        fpt = self.model.flops_per_token(ids.shape[1])
+        real_tokens = int(starts.sum().item()) + int(completion_mask.sum())  # prompt + completion tokens trained on
+        fpt = self.model.flops_per_token(max(ids.shape[1], 1))
         flops = real_tokens * fpt * c.mu + (real_tokens * fpt / 3 if self.reference is not None else 0.0)
         return {
             **totals,
-            "grad_norm": result.grad_norm,
+            "trained_frac": kept / n,
+            "grad_norm": grad_norm,
             "train_tokens_per_s": real_tokens * c.mu / train_time,
             "tokens": real_tokens * c.mu,
             "flops": flops,
