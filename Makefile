@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # brings their own torch and it is kept.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv test test-fast lint format bench demo train-demo reason-demo clean
+.PHONY: venv test test-fast lint format bench demo train-demo reason-demo r1-demo clean
 
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
@@ -48,6 +48,11 @@ clean:
 # Reasoning by RL at laptop scale: SFT cold start, evaluate, GRPO vs an extra-SFT control, evaluate, 3 seeds.
 reason-demo: venv
 	OMP_NUM_THREADS=1 $(PY) -m nanoseek reason-demo --out runs/reason-demo-$(shell date +%Y%m%d-%H%M%S)
+
+# The R1 pipeline at laptop scale, each claim against its control, 3 seeds (≈ 30 minutes on 2 idle cores). Finished
+# runs are cached in runs/r1-demo, so a second `make r1-demo` only rebuilds the report.
+r1-demo: venv
+	OMP_NUM_THREADS=1 $(PY) -m nanoseek r1-demo --preset demo --out runs/r1-demo
 
 # The efficiency table: plain + AdamW vs HC, mHC and Muon, 3 seeds each (≤ 20 minutes on 2 idle cores). Finished
 # runs are cached in runs/compare-demo, so a second `make demo` only prints the table again.
