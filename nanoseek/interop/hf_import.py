@@ -80,11 +80,13 @@ def import_hf(folder: str | Path) -> tuple[Transformer, HFTokenizer, dict[str, d
     is_remote = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == REMOTE
     state = {k: v.float() for k, v in tensors.items()} if is_remote else from_hf(tensors, cfg, where)
     model = Transformer(cfg)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines() or ["mismatch"]
-        raise ValueError(f"{where} does not fit its config.json: {lines[-1].strip()}") from None
+    expected = model.state_dict()
+    for name in sorted(expected.keys() | state.keys()):
+        if name not in state or name not in expected or state[name].shape != expected[name].shape:
+            got = tuple(state[name].shape) if name in state else "nothing"
+            want = tuple(expected[name].shape) if name in expected else "no such tensor"
+            raise ValueError(f"{where} does not fit its config.json: {name} is {got}, the config implies {want}")
+    model.load_state_dict(state)
     tokenizer = HFTokenizer.from_folder(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
