@@ -98,8 +98,14 @@ def hf_tokenizer_files(folder) -> None:
     tok = byte_level_tokenizer()
     tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-              "chat_template": CHAT_TEMPLATE, "model_max_length": 256, "clean_up_tokenization_spaces": False}  # fmt: skip
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 256,
+        "clean_up_tokenization_spaces": False,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -135,7 +141,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def greedy_hf(model, ids: torch.Tensor) -> list[list[int]]:
     # no end-of-text: both libraries decode all NEW_TOKENS steps
-    config = transformers.GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    config = transformers.GenerationConfig(
+        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[:, ids.shape[1] :].tolist()
 

@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 from hf_models import (
-    ARCHITECTURE, NANOSEEK, TOL, greedy_hf, greedy_nanoseek, max_diff, nanoseek_model, prompts, save_nanoseek,
+    ARCHITECTURE,
+    NANOSEEK,
+    TOL,
+    greedy_hf,
+    greedy_nanoseek,
+    max_diff,
+    nanoseek_model,
+    prompts,
+    save_nanoseek,
 )  # fmt: skip
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,12 +6,19 @@ import json
 import pytest
 import torch
 from hf_models import (
-    CHAT_TEMPLATE, HF, TOL, greedy_hf, greedy_nanoseek, hf_tokenizer_files, max_diff, prompts, save_hf,
+    CHAT_TEMPLATE,
+    HF,
+    TOL,
+    greedy_hf,
+    greedy_nanoseek,
+    hf_tokenizer_files,
+    max_diff,
+    prompts,
+    save_hf,
 )  # fmt: skip
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanoseek.cli import main
-from nanoseek.config import checkpoint_config
 from nanoseek.data.tokenizer import HFTokenizer, load_tokenizer
 from nanoseek.interop.hf_export import export
 from nanoseek.train.load import load_model

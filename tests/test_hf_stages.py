@@ -74,8 +74,13 @@ def test_grpo_and_eval_and_sample_take_a_hf_model(hf_llama, tmp_path, capsys):
             "train.batch_size=2", "--set", "task.max_new_tokens=8", "--no-progress"]  # fmt: skip
     assert main(grpo) == 0
     assert load_model(tmp_path / "grpo").tokenizer.chat_template == CHAT_TEMPLATE
-    assert main(["eval", "--ckpt", f"hf:{hf_llama}", "--task", "arithmetic", "--n", "2", "--samples", "1", "--json"]) == 0
+    assert (
+        main(["eval", "--ckpt", f"hf:{hf_llama}", "--task", "arithmetic", "--n", "2", "--samples", "1", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 2 and result["task"] == "arithmetic"
-    assert main(["sample", "--ckpt", f"hf:{hf_llama}", "--prompt", "12+", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert (
+        main(["sample", "--ckpt", f"hf:{hf_llama}", "--prompt", "12+", "--max-new-tokens", "5", "--temperature", "0"])
+        == 0
+    )
     assert capsys.readouterr().out.startswith("12+")
