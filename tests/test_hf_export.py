@@ -11,6 +11,7 @@ import torch
 from hf_models import (
     ARCHITECTURE,
     NANOSEEK,
+    NEW_TOKENS,
     TOL,
     greedy_hf,
     greedy_nanoseek,
@@ -19,12 +20,13 @@ from hf_models import (
     prompts,
     save_nanoseek,
 )  # fmt: skip
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from nanoseek.cli import main
 from nanoseek.data.tasks import TaskConfig
 from nanoseek.data.tokenizer import BPETokenizer
 from nanoseek.interop.hf_export import export
+from nanoseek.model.generate import generate
 from nanoseek.train.load import load_model
 
 
@@ -62,6 +64,19 @@ def test_export_then_import_gives_back_the_same_weights(exported, name):
     mine, theirs = model.state_dict(), back.model.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+@pytest.mark.parametrize("name", ["llama", "mhc_moe"])
+def test_left_padded_prompts_of_different_lengths_decode_the_same(exported, name):
+    model, done = exported[name]
+    hf = AutoModelForCausalLM.from_pretrained(done.folder, trust_remote_code=True).eval()
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    ids = torch.tensor([rows[0], [0] * 4 + rows[1]])
+    mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=mask, generation_config=config)[:, 7:].tolist()
+    assert generate(model, rows, NEW_TOKENS, temperature=0).tokens.tolist() == theirs
 
 
 def test_exported_moe_router_picks_the_same_experts(exported):
