@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, a run folder (its newest), or hf:DIR")
-    p.add_argument("--out", required=True, help="the folder to write (new, or an earlier export to replace)")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty; never overwritten)")
     p.add_argument("--stock-only", action="store_true", help="refuse models that need nanoseek's modelling code")
     p.set_defaults(func=cmd_export)
 

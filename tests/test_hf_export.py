@@ -172,14 +172,21 @@ def test_stock_only_refuses_naming_the_feature(tmp_path, capsys, kwargs, feature
     assert "NanoseekForCausalLM" in capsys.readouterr().out
 
 
-def test_export_replaces_an_earlier_export_but_not_other_folders(tmp_path, capsys):
+def test_export_never_overwrites_an_existing_folder(tmp_path, capsys):
     ckpt = save_nanoseek(tmp_path / "run", nanoseek_model())
-    out = tmp_path / "hf"
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
     assert "wrote" in capsys.readouterr().out and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "notes")]) == 2
-    assert "is a non-empty folder that is not an earlier export" in capsys.readouterr().err
-    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    before = (tmp_path / "empty" / "config.json").read_text()
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "empty")]) == 2
+    assert "already exists and is not an empty folder; choose a new folder" in capsys.readouterr().err
+    assert (tmp_path / "empty" / "config.json").read_text() == before
+
+
+def test_export_help_gives_examples(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "nanoseek export --ckpt runs/demo --out hf/demo" in out and "--stock-only" in out and "hf:DIR" in out

@@ -45,7 +45,7 @@ class Exported:
 
 
 def export(ckpt: str | Path, out: str | Path, *, stock_only: bool = False) -> Exported:
-    """Write the model of checkpoint (or run folder, or ``hf:DIR``) ``ckpt`` into the new folder ``out``."""
+    """Write the model of checkpoint (or run folder, or ``hf:DIR``) ``ckpt`` into ``out``, a new or empty folder."""
     loaded = load_model(ckpt)
     cfg: ModelConfig = loaded.model.cfg
     model_type, reasons = stock_class(cfg), stock_blockers(cfg)
@@ -55,8 +55,9 @@ def export(ckpt: str | Path, out: str | Path, *, stock_only: bool = False) -> Ex
             "exported with nanoseek's own modelling code (trust_remote_code=True)"
         )
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ValueError(f"--out {out} is a non-empty folder that is not an earlier export; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never overwrite: it may be someone's model
+        raise ValueError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -167,13 +168,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder into place; an earlier export at ``out`` is replaced only once the new one is
-    complete."""
+    """Rename the finished folder into place (over an empty folder), so ``out`` is never half written."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        out.rmdir()
+    os.replace(tmp, out)
