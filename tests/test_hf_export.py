@@ -64,6 +64,8 @@ def test_export_then_import_gives_back_the_same_weights(exported, name):
     mine, theirs = model.state_dict(), back.model.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        assert max_diff(back.model(prompts()), model(prompts())) <= TOL
 
 
 @pytest.mark.parametrize("name", ["llama", "mhc_moe"])

@@ -56,6 +56,8 @@ def test_import_then_export_gives_back_the_same_checkpoint(hf_folders, kind, tmp
     mine, theirs = hf.state_dict(), again.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        assert max_diff(again(prompts(260)).logits, hf(prompts(260)).logits) <= TOL
     original = json.loads((folder / "tokenizer_config.json").read_text())
     assert json.loads((done.folder / "tokenizer_config.json").read_text()) == original
     assert json.loads((done.folder / "config.json").read_text())["eos_token_id"] == 257
