@@ -1,9 +1,6 @@
 """Tiny random models on both sides of the Hugging Face interop, built from config classes (nothing is downloaded)."""
 
 import json
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never reach for a hub
 
 import torch
 import transformers
