@@ -18,6 +18,7 @@ EPILOG = """examples:
   nanoseek sample --ckpt runs/demo --prompt "The with statement"
   nanoseek config --preset demo                      every key of a config, with its value and what it means
   nanoseek compare --preset demo                     baseline vs hc vs mhc vs muon: compute, time, energy to reach
+  nanoseek export --ckpt runs/demo --out hf/demo     a transformers model folder (and back: --init hf:hf/demo)
 """
 
 COMPARE_EPILOG = """The comparison file (TOML) has [compare] (seeds, baseline, budget, target_loss, watts_per_core,
@@ -276,6 +277,17 @@ def cmd_r1_demo(args: argparse.Namespace) -> int:
     return main_r1(preset_path(args.preset, "r1"), out, overrides, args.report_only)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nanoseek.interop.hf_export import export
+
+    done = export(args.ckpt, args.out, stock_only=args.stock_only)
+    print(f"wrote {done.folder}: {done.architecture}")
+    if done.remote_code:
+        print(f"  no stock class computes {'; '.join(done.reasons)}: the folder carries nanoseek's modelling code")
+        print("  load with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) (and AutoTokenizer)")
+    return 0
+
+
 def cmd_reason_demo(args: argparse.Namespace) -> int:
     from nanoseek.rl.demo import run_demo
 
@@ -315,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint", description="Generate text with the KV cache.")
-    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, a run folder (its newest checkpoint), or hf:DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -336,7 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_stage_args(p, "sft")
-    p.add_argument("--init", help="start from this checkpoint (or run folder) instead of a fresh model")
+    p.add_argument(
+        "--init",
+        help="start from this checkpoint (or run folder, or hf:DIR: a Hugging Face model) instead of a fresh model",
+    )
     p.add_argument(
         "--data",
         metavar="FILE.jsonl",
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_stage_args(p, "grpo")
-    p.add_argument("--init", help="the checkpoint (or run folder) to start from, e.g. an SFT run")
+    p.add_argument("--init", help="the checkpoint (or run folder, or hf:DIR) to start from, e.g. an SFT run")
     p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser(
@@ -390,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         "problems, with 95%% Wilson intervals, and a few example completions. Task, template and token budget default "
         "to the checkpoint's.",
     )
-    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, a run folder (its newest checkpoint), or hf:DIR")
     p.add_argument("--task", help="task name (default: the checkpoint's [task])")
     p.add_argument("--set", action="append", default=[], metavar="task.KEY=VALUE", help="task option override")
     p.add_argument("--n", type=int, default=200, help="test problems (default 200)")
@@ -433,6 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from cached runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per finished run only)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face transformers model folder",
+        description="Write config.json, model.safetensors, generation_config.json, tokenizer.json and "
+        "tokenizer_config.json into --out, so that transformers' AutoModelForCausalLM / AutoTokenizer open it "
+        "offline. Plain residual + SwiGLU -> LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias, "
+        "Qwen3ForCausalLM with model.qk_norm); plain + DeepSeekMoE -> Glm4MoeForCausalLM; anything else (HC / mHC, "
+        "ReLU², ...) -> nanoseek's own modelling code in the folder (trust_remote_code=True), or an error with "
+        "--stock-only. A model trained on a task gets a chat template that renders the task's prompt.",
+        epilog="examples:\n  nanoseek export --ckpt runs/demo --out hf/demo\n"
+        "  nanoseek export --ckpt runs/sft/ckpt-0000500 --out hf/sft --stock-only\n"
+        "  nanoseek sft --init hf:hf/demo --task arithmetic --out runs/sft-again     and back (hf:DIR)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, a run folder (its newest), or hf:DIR")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty; never overwritten)")
+    p.add_argument("--stock-only", action="store_true", help="refuse models that need nanoseek's modelling code")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "config",

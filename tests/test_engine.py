@@ -57,7 +57,7 @@ def test_moe_experts_are_balanced_after_every_update_of_every_stage(stage):
 
 def test_grpo_generation_leaves_the_expert_loads_alone_and_training_counts_only_real_tokens():
     e = engine(MOE)
-    s = grpo(e)
+    s = grpo(e, skip_zero_advantage=False)  # every completion trained on, so every real token is counted
     sampled, kept = s.collect()
     assert all(int(m.load.sum()) == 0 for m in e.model.moe_layers())  # sampling ran in eval mode
     s.update(kept[0])

@@ -14,6 +14,7 @@ KINDS = [
     dict(residual="mhc"),
     dict(residual="mhc", stream_collapse="learned", n_streams=2, ffn="relu2"),
     dict(residual="hc", n_streams=1, qk_norm=True, n_kv_heads=2, tie_embeddings=False),
+    dict(residual="plain", head_size=6, qkv_bias=True, n_kv_heads=2),  # Qwen-style heads: 4 × 6 ≠ d_model
 ]
 
 
@@ -120,9 +121,20 @@ def test_analytic_flops_within_10_percent_of_flop_counter(kind):
         (dict(stream_collapse="max"), "stream_collapse"),
         (dict(d_model=12, n_heads=4), "d_model"),  # head_dim 3 is odd: no rotary pairs
         (dict(vocab_size=2.5), "vocab_size"),
+        (dict(head_size=5), "head_size"),  # odd: no rotary pairs
+        (dict(head_size=-8), "head_size"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
         ModelConfig(**kwargs)
     assert "invalid" in str(err.value)
+
+
+def test_qkv_bias_and_head_size_are_off_by_default_so_weight_names_do_not_change():
+    names = set(Transformer(ModelConfig(**SMALL)).state_dict())
+    assert not any(n.endswith(".bias") for n in names) and "blocks.0.attn.fn.kv.weight" in names
+    model = Transformer(ModelConfig(**SMALL, head_size=6, qkv_bias=True))
+    attn = model.blocks[0].attn.fn
+    assert attn.q.weight.shape == (24, 32) and attn.proj.weight.shape == (32, 24) and attn.kv.bias.shape == (48,)
+    assert not attn.q.bias.any() and not attn.kv.bias.any()  # biases start at zero

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from nanoseek.schema import check_choice, require
 
-TOKENIZERS = ("byte", "bpe")
+TOKENIZERS = ("byte", "bpe", "hf")
 
 
 @dataclass
@@ -17,7 +17,8 @@ class DataConfig:
     """python-docs (the running CPython's own documentation: pydoc topics + stdlib docstrings, no download), or a
     path to a UTF-8 text file or a folder of text files."""
     tokenizer: str = "byte"
-    """byte (vocab 256, no training) or bpe (trained on the train split with the `tokenizers` library)."""
+    """byte (vocab 256, no training), bpe (trained on the train split with the `tokenizers` library), or hf (the
+    tokenizer of a Hugging Face model loaded with --init hf:DIR, which comes with the model and is never trained)."""
     bpe_vocab_size: int = 1024
     """Vocabulary size of the BPE tokenizer (bpe only); model.vocab_size is set from the tokenizer."""
     val_fraction: float = 0.05

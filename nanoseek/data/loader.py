@@ -57,6 +57,9 @@ def _tokenizer(cfg: DataConfig, train_docs: list[bytes], folder: Path) -> ByteTo
     arrays always match the tokenizer that made them)."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if cfg.tokenizer == "hf":
+        raise ValueError("data.tokenizer='hf' comes with a Hugging Face model (--init hf:DIR); a corpus is tokenized "
+                         "here with 'byte' or 'bpe'")  # fmt: skip
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
     tokenizer = BPETokenizer.train([prepare_text(d)[0] for d in train_docs], cfg.bpe_vocab_size)

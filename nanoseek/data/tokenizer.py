@@ -1,6 +1,7 @@
-"""Tokenizers: byte-level (vocab 256, needs no training) and BPE trained with the ``tokenizers`` library.
+"""Tokenizers: byte-level (vocab 256, needs no training), BPE trained with the ``tokenizers`` library, and a
+Hugging Face model's own tokenizer, used as it comes.
 
-Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``name`` and save / load to a
+All expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``name`` and save / load to a
 folder, so a checkpoint carries the tokenizer it was trained with.
 """
 
@@ -65,23 +66,114 @@ class BPETokenizer:
         self._tok.save(str(Path(folder, "tokenizer.json")))
 
 
+class HFTokenizer:
+    """A Hugging Face model's tokenizer as it comes: its ``tokenizer.json`` (a ``tokenizers.Tokenizer``) and its
+    ``tokenizer_config.json`` (special tokens, chat template), kept verbatim so an exported model carries them back.
+
+    ``encode`` adds no special tokens (no BOS): a prompt and its completion are encoded separately and joined, and a
+    chat template writes the special tokens it wants; special tokens written in the text are recognised.
+    ``decode`` keeps special tokens, so decode(encode(text)) == text. ``eos_id`` is the config's eos_token."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer, config: dict):
+        self._tok, self.config = tokenizer, config
+        self.eos_id = self.special_id("eos_token")
+
+    def special_id(self, key: str) -> int | None:
+        """The id of the config's special token ``key`` (bos_token, eos_token, pad_token, ...), None if unset."""
+        text = _token_text(self.config.get(key))
+        if text is None:
+            return None
+        token_id = self._tok.token_to_id(text)
+        if token_id is None:
+            raise ValueError(f"tokenizer_config.json: {key}={text!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> HFTokenizer:
+        """Read a Hugging Face folder's tokenizer.json, tokenizer_config.json and chat_template.jinja (if any)."""
+        from tokenizers import Tokenizer
+
+        path = Path(folder, "tokenizer.json")
+        if not path.is_file():
+            raise ValueError(
+                f"{path} is missing: only fast tokenizers (tokenizer.json) can be read; save one with transformers' "
+                "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+            )
+        config_path = Path(folder, "tokenizer_config.json")
+        config = _read_json(config_path) if config_path.is_file() else {}
+        template = Path(folder, "chat_template.jinja")
+        if template.is_file():
+            config["chat_template"] = template.read_text(encoding="utf-8")
+        return cls(Tokenizer.from_file(str(path)), config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.config.get("chat_template")
+        return template if isinstance(template, str) else None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, rendered with the tokenizer's own chat template."""
+        from nanoseek.data.chat_template import render_chat
+
+        if self.chat_template is None:
+            raise ValueError("the tokenizer has no chat template")
+        tokens = {k: _token_text(v) for k, v in self.config.items() if k.endswith("_token")}
+        return render_chat(self.chat_template, messages, add_generation_prompt, tokens)
+
+    def save(self, folder: str | Path) -> None:
+        """One file, so a checkpoint's hash covers the tokenizer and its config together."""
+        raw = {"kind": "hf", "tokenizer": json.loads(self._tok.to_str()), "config": self.config}
+        Path(folder, "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The Hugging Face layout: tokenizer.json and tokenizer_config.json, as they came."""
+        self._tok.save(str(Path(folder, "tokenizer.json")))
+        Path(folder, "tokenizer_config.json").write_text(json.dumps(self.config, indent=1, ensure_ascii=False))
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with its content."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
+
+
 def prepare_text(data: bytes) -> tuple[str, int]:
     """Decode bytes for a text tokenizer: (text with U+FFFD for invalid sequences, number of invalid bytes)."""
     invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
     return data.decode("utf-8", errors="replace"), invalid
 
 
-def load_tokenizer(folder: str | Path) -> ByteTokenizer | BPETokenizer:
+def load_tokenizer(folder: str | Path) -> ByteTokenizer | BPETokenizer | HFTokenizer:
     """The tokenizer saved in a checkpoint folder."""
     path = Path(folder, "tokenizer.json")
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint has no tokenizer")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    raw = _read_json(path)
     if raw.get("kind") == "byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer
 
+    if raw.get("kind") == "hf":
+        return HFTokenizer(Tokenizer.from_str(json.dumps(raw["tokenizer"])), raw["config"])
     return BPETokenizer(Tokenizer.from_file(str(path)))

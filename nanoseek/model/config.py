@@ -27,6 +27,12 @@ class ModelConfig:
     """Attention query heads; d_model must be divisible by it."""
     n_kv_heads: int = 0
     """Key/value heads for grouped-query attention; 0 means n_heads (plain multi-head attention)."""
+    head_size: int = 0
+    """Width of each attention head; 0 means d_model / n_heads. Set it for models whose heads are wider or
+    narrower than that (Qwen3: 128-wide heads at any d_model); queries and values then have n_heads · head_size
+    features, projected back to d_model."""
+    qkv_bias: bool = False
+    """Add a bias to the query, key and value projections (as Qwen2 does); the output projection has none."""
     seq_len: int = 256
     """Longest context the model is trained on (rotary tables are built for it)."""
     ffn: str = "swiglu"
@@ -93,12 +99,23 @@ class ModelConfig:
         require(self.n_kv_heads >= 0, "n_kv_heads", self.n_kv_heads, "expected 0 (= n_heads) or a positive integer")
         require(self.ffn_hidden >= 0, "ffn_hidden", self.ffn_hidden, "expected 0 (automatic) or a positive integer")
         require(
-            self.d_model % self.n_heads == 0,
-            "d_model",
-            self.d_model,
-            f"must be divisible by n_heads={self.n_heads}",
+            isinstance(self.head_size, int) and self.head_size >= 0,
+            "head_size",
+            self.head_size,
+            "expected 0 (= d_model / n_heads) or a positive integer",
         )
-        require(self.head_dim % 2 == 0, "d_model", self.d_model, "d_model / n_heads must be even for rotary embeddings")
+        if self.head_size:
+            require(self.head_size % 2 == 0, "head_size", self.head_size, "must be even for rotary embeddings")
+        else:
+            require(
+                self.d_model % self.n_heads == 0,
+                "d_model",
+                self.d_model,
+                f"must be divisible by n_heads={self.n_heads} (or set head_size)",
+            )
+            require(
+                self.head_dim % 2 == 0, "d_model", self.d_model, "d_model / n_heads must be even for rotary embeddings"
+            )
         require(
             self.n_heads % self.kv_heads == 0,
             "n_kv_heads",
@@ -150,7 +167,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """The width of each attention head actually used (see head_size)."""
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

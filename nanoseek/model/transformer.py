@@ -54,7 +54,8 @@ class Transformer(nn.Module):
     def _init_weights(self) -> None:
         """Normal(0, init_std) for embeddings and block matrices (MoE experts and router included); output
         projections scaled by 1/sqrt(2·L) so the residual stream's variance does not grow with depth (GPT-2).
-        Norm gains and residual-connection parameters keep the initialisation their classes chose."""
+        Attention biases (qkv_bias) start at zero; norm gains and residual-connection parameters keep the
+        initialisation their classes chose."""
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=std)
         if self.head is not None:
@@ -62,6 +63,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             for site in (block.attn, block.ffn):
                 for name, p in site.fn.named_parameters():
+                    if name.endswith(".bias"):  # qkv_bias: start at zero, as Qwen2 does
+                        nn.init.zeros_(p)
                     if p.dim() < 2:
                         continue
                     output = name.removesuffix(".weight").rsplit(".", 1)[-1] in ("proj", "down")
@@ -181,6 +184,7 @@ class Transformer(nn.Module):
         c = self.cfg
         d, n, hd = c.d_model, c.n_streams, c.head_dim
         attn = d * c.n_heads * hd + 2 * d * c.kv_heads * hd + c.n_heads * hd * d + (2 * hd if c.qk_norm else 0)
+        attn += (c.n_heads + 2 * c.kv_heads) * hd if c.qkv_bias else 0
         site = {
             "plain": d,  # the pre-norm weight
             "hc": d + n + n * n + n + d * (n + 2) + 2,

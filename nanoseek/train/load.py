@@ -27,12 +27,20 @@ class LoadedModel:
     """The checkpoint folder actually read."""
     step: int
     stage: str
-    """The stage that wrote the checkpoint: pretrain, sft, grpo, ..."""
+    """The stage that wrote the checkpoint: pretrain, sft, grpo, ... ("hf" for an imported Hugging Face model)."""
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", train: bool = False) -> LoadedModel:
     """The model (in eval mode unless ``train``) and tokenizer of a checkpoint folder, or of a run folder's newest
-    checkpoint; hashes are verified and nothing is executed while loading."""
+    checkpoint; hashes are verified and nothing is executed while loading. ``hf:DIR`` (or a folder with a
+    config.json and no nanoseek checkpoint) imports a Hugging Face causal LM exactly, or fails naming what nanoseek
+    does not compute (nanoseek.interop.hf_import); it comes back as step 0 of stage "hf"."""
+    from nanoseek.interop.hf_import import hf_folder, import_hf
+
+    folder = hf_folder(path)
+    if folder is not None:
+        model, tokenizer, tables = import_hf(folder)
+        return LoadedModel(model.to(device).train(train), tokenizer, tables, folder, 0, "hf")
     checkpoint = load_checkpoint(path)
     where = str(checkpoint.folder / "config.toml")
     cfg = build_section(ModelConfig, checkpoint.config.get("model", {}), "model", where)

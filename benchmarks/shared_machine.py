@@ -1,0 +1,121 @@
+"""Training speed on an idle machine and on one shared with two busy processes, for several threading settings.
+
+OpenMP worker threads that wait for work by spinning (libgomp's default when OMP_WAIT_POLICY is unset) steal the
+cores other processes need, and a thread descheduled mid-step makes the others spin for it: on a shared 2-core
+machine a step can take several times its idle time. This benchmark trains the demo model (preset `demo`, its
+shape and batch) for a fixed number of steps in a fresh process per setting — OpenMP reads its environment once,
+at start-up — first with the machine as it is, then with two background processes spinning on the CPU, and prints
+seconds per step (median of the timed steps), the CPU seconds, and the ratio loaded / idle.
+
+Settings: the threading nanoseek chooses by itself (`nanoseek auto`, nanoseek/openmp.py), torch's defaults
+(nanoseek told to keep the environment), a passive wait policy, a short spin (GOMP_SPINCOUNT), and one thread.
+Goal: under load the demo takes at most 2.5× its idle time, with no slowdown on an idle machine against torch's
+defaults.
+
+    python benchmarks/shared_machine.py [--steps 30] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+KEEP = {"NANOSEEK_OPENMP": "keep"}  # nanoseek leaves the OpenMP environment as it finds it
+SETTINGS = {
+    "nanoseek auto": {},
+    "torch defaults": KEEP,
+    "passive wait": {**KEEP, "OMP_WAIT_POLICY": "PASSIVE"},
+    "short spin": {**KEEP, "GOMP_SPINCOUNT": "10000"},
+    "one thread": {**KEEP, "OMP_NUM_THREADS": "1"},
+}
+KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NANOSEEK_OPENMP")
+
+CHILD = """
+import json, statistics, sys, time
+import torch
+from nanoseek.config import load_run_config, preset_path
+from nanoseek.data.loader import load_token_data
+from nanoseek.model import Transformer
+from nanoseek.train.engine import Engine
+from nanoseek.train.pretrain import Pretraining
+steps = int(sys.argv[1])
+cfg = load_run_config([preset_path("demo")], ["train.eval_every=100000"])
+data = load_token_data(cfg.data, cfg.model.seq_len)
+torch.manual_seed(0)
+engine = Engine(Transformer(cfg.model), cfg.train, log=lambda m: None)
+stage = Pretraining(engine, data, cfg.model.seq_len)
+times, cpu0 = [], time.process_time()
+for step in range(steps):
+    t0 = time.perf_counter()
+    engine.set_lr(step)
+    stage.step(step)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"step_s": statistics.median(times[3:]), "cpu_s": time.process_time() - cpu0,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def spin(stop) -> None:
+    """A busy process: what another user's job looks like to the scheduler."""
+    x = 0
+    while not stop.is_set():
+        x += 1
+
+
+def run(setting: dict[str, str], steps: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in KEYS} | setting
+    done = subprocess.run([sys.executable, "-c", CHILD, str(steps)], env=env, capture_output=True, text=True,
+                          timeout=3600)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(steps: int, repeats: int, loaded: bool) -> dict[str, list[dict]]:
+    stop = multiprocessing.Event()
+    busy = [multiprocessing.Process(target=spin, args=(stop,), daemon=True) for _ in range(2 if loaded else 0)]
+    for p in busy:
+        p.start()
+    try:
+        results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        for _ in range(repeats):  # settings interleaved, so a drift of the machine touches them all
+            for name, setting in SETTINGS.items():
+                results[name].append(run(setting, steps))
+        return results
+    finally:
+        stop.set()
+        for p in busy:
+            p.join(timeout=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="steps per run (the first 3 are not timed)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per setting and condition (median taken)")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} cores, load average before: {os.getloadavg()[0]:.2f}")
+    idle = measure(args.steps, args.repeats, loaded=False)
+    print(f"load average between: {os.getloadavg()[0]:.2f}")
+    time.sleep(1)
+    busy = measure(args.steps, args.repeats, loaded=True)
+    base = statistics.median(r["step_s"] for r in idle["torch defaults"])
+    print(f"\n{'setting':<22}{'threads':>8}{'idle s/step':>13}{'× default':>10}{'loaded s/step':>15}"
+          f"{'loaded/idle':>13}{'idle cpu s':>12}{'loaded cpu s':>14}")  # fmt: skip
+    for name in SETTINGS:
+        a = statistics.median(r["step_s"] for r in idle[name])
+        b = statistics.median(r["step_s"] for r in busy[name])
+        ca = statistics.median(r["cpu_s"] for r in idle[name])
+        cb = statistics.median(r["cpu_s"] for r in busy[name])
+        print(f"{name:<22}{idle[name][0]['threads']:>8}{a:>13.3f}{a / base:>10.2f}{b:>15.3f}{b / a:>13.2f}"
+              f"{ca:>12.1f}{cb:>14.1f}")  # fmt: skip
+    print("\ngoal: loaded/idle <= 2.5 for 'nanoseek auto', and its idle time not above torch's defaults")
+
+
+if __name__ == "__main__":
+    main()
