@@ -13,7 +13,7 @@ DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	touch $@
 
 venv: $(VENV)/.installed
