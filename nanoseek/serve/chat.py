@@ -37,7 +37,8 @@ def check_setting(name: str, value: float | int | None) -> None:
 class Chat:
     """A conversation with one loaded model."""
 
-    def __init__(self, loaded, settings: dict, meter=None, out=sys.stdout, err=sys.stderr):
+    def __init__(self, loaded, settings: dict, meter=None, out=None, err=None):
+        out, err = out or sys.stdout, err or sys.stderr
         self.loaded, self.settings, self.out, self.err = loaded, settings, out, err
         self.format = ChatFormat.from_config(loaded.config)
         self.seq_len = loaded.model.cfg.seq_len
