@@ -97,14 +97,17 @@ class RequestRun:
         return emit
 
     async def events(self, request: Request):
-        """(choice, kind, value, tokens so far) until every job has ended; a disconnect cancels the jobs."""
+        """Lists of (choice, kind, value, tokens so far) until every job has ended: each list is everything that
+        arrived since the last one, so a busy server sends fewer, larger chunks instead of falling behind. A
+        disconnect cancels the jobs."""
         watcher = asyncio.create_task(self._watch(request))
         try:
             while self.open:
-                event = await self.queue.get()
-                if event[1] in ("done", "error"):
-                    self.open -= 1
-                yield event
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                self.open -= sum(kind in ("done", "error") for _, kind, _, _ in batch)
+                yield batch
         finally:
             watcher.cancel()
             self.cancel()
@@ -162,16 +165,21 @@ class Answer:
         return u
 
     async def _events(self):
-        """(choice index, reasoning delta, content delta, finish reason or None) as the jobs report."""
-        async for i, kind, value, tokens in self.run.events(self.request):
-            choice = self.choices[i]
-            if kind == "error":
-                status = 503 if "shut down" in value else 500
-                raise APIError(status, value, code="generation_failed")
-            r, c = choice.add(value if kind == "text" else "", tokens, final=kind == "done")
-            if kind == "done":
-                choice.finish_reason = value
-            yield i, r, c, choice.finish_reason
+        """(choice index, reasoning delta, content delta, finish reason or None) per choice and batch of events."""
+        async for batch in self.run.events(self.request):
+            deltas: dict[int, list[str]] = {}
+            for i, kind, value, tokens in batch:
+                choice = self.choices[i]
+                if kind == "error":
+                    status = 503 if "shut down" in value else 500
+                    raise APIError(status, value, code="generation_failed")
+                r, c = choice.add(value if kind == "text" else "", tokens, final=kind == "done")
+                if kind == "done":
+                    choice.finish_reason = value
+                d = deltas.setdefault(i, ["", ""])
+                d[0], d[1] = d[0] + r, d[1] + c
+            for i, (r, c) in deltas.items():
+                yield i, r, c, self.choices[i].finish_reason
 
     async def chat_json(self) -> dict:
         async for _ in self._events():
