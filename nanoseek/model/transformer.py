@@ -49,9 +49,6 @@ class Transformer(nn.Module):
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # cos / sin of positions 0 .. 2·seq_len-1, computed once: rebuilding them for every decoded token cost a
-        # sixth of a small model's decode step (benchmarks/decode_speed.py). Not saved with the weights.
-        self.register_buffer("rope", rotary_tables(cfg.head_dim, 0, 2 * cfg.seq_len, cfg.rope_base, None), False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -142,10 +139,7 @@ class Transformer(nn.Module):
         start = cache.pos + cache.offset if cache is not None else 0
         if cache is None and start + t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than seq_len={self.cfg.seq_len}")
-        if start >= 0 and start + t <= self.rope.shape[1]:
-            rope = self.rope[:, start : start + t]  # (2, T, D/2); apply_rotary casts it to the activations' dtype
-        else:
-            rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)
+        rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)
         if cache is not None:
             mask = cache.mask(t, pad_mask)
         elif pad_mask is not None and not _right_padded(pad_mask):
