@@ -196,8 +196,14 @@ async def soak(url: str, pid: int, total: int, workers: int = 8) -> None:
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print("requests by kind: " + ", ".join(f"{k} {kinds[k]}" for k in KINDS))
     print("answers by kind and status: " + ", ".join(f"{k}/{s}: {n}" for (k, s), n in sorted(statuses.items())))
-    print(f"answered: {sum(statuses.values())} of {total}; /health after: {health}")
-    print("server RSS (MB) after N requests: " + ", ".join(f"{n}: {m:.0f}" for n, m in memory + [(total, rss_mb(pid))]))
+    metrics = httpx.get(url + "/metrics").text.splitlines()
+    cancelled = next(line.split()[-1] for line in metrics if line.startswith("nanoseek_requests_cancelled_total"))
+    errors = sum(int(line.split()[-1]) for line in metrics if 'status="5' in line)
+    print(f"answered: {sum(statuses.values())} of {total}; /health after: {health}; 5xx answers: {errors}; "
+          f"generations cancelled by the server: {cancelled}")  # fmt: skip
+    if memory[-1][0] != total:
+        memory.append((total, rss_mb(pid)))
+    print("server RSS (MB) after N requests: " + ", ".join(f"{n}: {m:.0f}" for n, m in memory))
 
 
 def main() -> None:

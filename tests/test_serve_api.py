@@ -127,6 +127,8 @@ def test_errors_have_openai_shape_and_status(client, server):
     assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="last message must be from the user"):
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="at most 256 messages"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Q"}] * 257)
     # unknown fields are accepted and ignored
     assert ask(client, temperature=0, extra_body={"frequency_penalty_v9": 1, "user": "u"}).choices[0].message.content
     for body, status in [(b"{not json", 400), (b"[]", 400), (b'{"messages": "hi"}', 400), (b"x" * 1_100_000, 413)]:

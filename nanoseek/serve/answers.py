@@ -181,10 +181,14 @@ class Answer:
             for i, (r, c) in deltas.items():
                 yield i, r, c, self.choices[i].finish_reason
 
-    async def chat_json(self) -> dict:
+    async def _finish(self) -> dict:
+        """Run to the end; the usage (a client that left meanwhile counts as cancelled)."""
         async for _ in self._events():
             pass
-        u = self.usage()
+        return self.usage(cancelled=any(c.finish_reason == "cancelled" for c in self.choices))
+
+    async def chat_json(self) -> dict:
+        u = await self._finish()
         choices = [
             {
                 "index": i,
@@ -197,9 +201,7 @@ class Answer:
         return {**self.base, "object": "chat.completion", "choices": choices, "usage": u, "timings": u["timings"]}
 
     async def text_json(self, echo: list[str]) -> dict:
-        async for _ in self._events():
-            pass
-        u = self.usage()
+        u = await self._finish()
         choices = [
             {"index": i, "text": echo[i] + c.content, "logprobs": None, "finish_reason": c.finish_reason}
             for i, c in enumerate(self.choices)
