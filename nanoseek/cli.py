@@ -311,7 +311,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args, meter=select_meter("cpu", args.watts_per_core))
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--watts-per-core", type=float, default=5.0, help="for the energy estimate without RAPL / NVML")
 
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_sampling_args(p)
+    _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $NANOSEEK_API_KEY, else none)")
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CHAT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_sampling_args(p)
+    _add_model_args(p)
     p.add_argument("-p", "--prompt", help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
