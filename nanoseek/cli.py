@@ -242,18 +242,19 @@ def cmd_reason_demo(args: argparse.Namespace) -> int:
 # Talking to a model: serve and chat
 
 SERVE_EPILOG = """examples:
-  nanoseek serve --ckpt runs/reason-demo/seed0/grpo          then open http://127.0.0.1:8000/
+  make chat-demo                                    train a small reasoning model (~4 min), serve it
+  nanoseek serve --ckpt runs/chat-demo              then open http://127.0.0.1:8000/
   nanoseek serve --ckpt runs/demo --port 8001 --api-key s3cret
   curl -N http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"messages": [{"role": "user", "content": "3+4-2"}], "stream": true}'
-  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-'); ..."
+  any OpenAI client: base_url="http://127.0.0.1:8000/v1" (the model id is the run folder's name: GET /v1/models)
 
 The API key may also come from the environment variable NANOSEEK_API_KEY. Binding to an address other than
 127.0.0.1 / localhost without a key prints a warning: anyone who can reach the port can use the model.
 """
 
 CHAT_EPILOG = """examples:
-  nanoseek chat --ckpt runs/reason-demo/seed0/grpo
+  nanoseek chat --ckpt runs/chat-demo
   nanoseek chat --ckpt runs/demo -p "The with statement" --max-tokens 80
 
 In the chat: /set temperature 0.7 (also top_p, top_k, max_tokens, seed), /show, /clear, /bye. End a line with
