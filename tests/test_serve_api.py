@@ -209,3 +209,12 @@ def test_disconnect_stops_generation_within_one_step(tmp_path):
         assert job.tokens_after_cancel is not None and job.tokens_after_cancel <= 1
         assert job.stats.completion_tokens < 50
         assert "nanoseek_requests_cancelled_total 1" in httpx.get(s.url + "/metrics").text
+
+
+def test_cross_origin_access_only_when_allowed(ckpt):
+    preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+    with running_server(lambda: load_model(ckpt), cors_origins=("http://example.test",)) as s:
+        r = httpx.options(s.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://example.test"
+        other = httpx.options(s.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers

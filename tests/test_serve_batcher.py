@@ -1,5 +1,7 @@
 """Continuous batching: rows joining and leaving a running batch decode exactly what they would alone."""
 
+import time
+
 import pytest
 import torch
 
@@ -99,3 +101,32 @@ def test_queue_is_bounded_and_checks_the_context(model):
         b.submit([job([3], 5, [])])
     with pytest.raises(ValueError, match="context"):
         Batcher(model, letters).submit([job([1] * 30, 11, [])])
+
+
+@torch.no_grad()
+def test_a_failing_forward_fails_its_batch_and_the_worker_keeps_serving(model):
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg, self.fail = model, model.cfg, True
+
+        def forward(self, *args, **kwargs):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return self.inner(*args, **kwargs)
+
+    logs, first, second = [], [], []
+    b = Batcher(Flaky(), letters, log=logs.append).start()
+    try:
+        b.submit([job([1, 2], 3, first)])
+        deadline = time.monotonic() + 10
+        while not first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b.submit([job([1, 2], 3, second)])
+        while (not second or second[-1][0] != "done") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        b.stop()
+    assert first == [("error", "generation failed: RuntimeError")] and "boom" in logs[0]
+    assert second[-1] == ("done", "length")

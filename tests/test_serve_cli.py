@@ -95,3 +95,19 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_warns_when_listening_beyond_this_machine_without_a_key(ckpt, capsys, monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.delenv("NANOSEEK_API_KEY", raising=False)
+    assert main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0"]) == 0
+    assert "warning: listening on 0.0.0.0 without --api-key" in capsys.readouterr().err
+    monkeypatch.setenv("NANOSEEK_API_KEY", "k")
+    assert main(["serve", "--ckpt", str(ckpt), "--host", "0.0.0.0", "--port", "9"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9
+    assert main(["serve", "--ckpt", str(ckpt), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err

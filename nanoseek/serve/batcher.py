@@ -304,8 +304,8 @@ class Batcher:
         for job in jobs:
             job.stats.queue_s = now - job.submitted
             job.text = TextStream(self.decode, job.sampling.stop)
+        self.running.extend(jobs)  # before the forward pass: if it fails, these jobs get the error too
         self._forward(jobs, lambda: self.batch.add([j.prompt for j in jobs]), "prefill_s")
-        self.running.extend(jobs)
 
     def _forward(self, jobs: list[Job], run: Callable[[], None], timing: str) -> None:
         """Run a forward pass and share its seconds and joules among ``jobs``."""
