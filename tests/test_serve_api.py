@@ -131,7 +131,11 @@ def test_errors_have_openai_shape_and_status(client, server):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Q"}] * 257)
     # unknown fields are accepted and ignored
     assert ask(client, temperature=0, extra_body={"frequency_penalty_v9": 1, "user": "u"}).choices[0].message.content
-    for body, status in [(b"{not json", 400), (b"[]", 400), (b'{"messages": "hi"}', 400), (b"x" * 1_100_000, 413)]:
+    lone_surrogate = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'  # valid JSON, not valid UTF-8
+    huge_seed = b'{"messages": [{"role": "user", "content": "Q"}], "seed": 100000000000000000000}'
+    bad = [(b"{not json", 400), (b"[]", 400), (b'{"messages": "hi"}', 400), (b"x" * 1_100_000, 413),
+           (lone_surrogate, 400), (huge_seed, 400)]  # fmt: skip
+    for body, status in bad:
         r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(server.url + "/nowhere").json()["error"]["message"] == "Not Found"

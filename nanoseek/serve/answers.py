@@ -20,10 +20,16 @@ from nanoseek.serve.reasoning import ReasoningSplitter
 MAX_PROMPTS = 16
 
 
-def encode_prompt(server, text: str) -> list[int]:
-    """Prompt text -> ids; 400 when empty, 413 when no answer token would fit the context."""
-    ids = server.loaded.tokenizer.encode(text)
-    return check_length(server, ids, "messages")
+def encode_prompt(server, text: str, param: str = "messages") -> list[int]:
+    """Prompt text -> ids; 400 when empty or not valid Unicode, 413 when no answer token would fit the context."""
+    return check_length(server, encode_text(server, text, param), param)
+
+
+def encode_text(server, text: str, param: str) -> list[int]:
+    try:
+        return server.loaded.tokenizer.encode(text)
+    except UnicodeEncodeError as err:  # JSON can carry a lone surrogate ("\ud800"), which UTF-8 cannot
+        raise APIError(400, f"{param} is not valid Unicode: {err.reason} at character {err.start}", param) from None
 
 
 def check_length(server, ids: list[int], param: str) -> list[int]:
@@ -39,9 +45,9 @@ def check_length(server, ids: list[int], param: str) -> list[int]:
 def completion_prompts(server, prompt) -> list[list[int]]:
     """The legacy ``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
     if isinstance(prompt, str):
-        prompts = [server.loaded.tokenizer.encode(prompt)]
+        prompts = [encode_text(server, prompt, "prompt")]
     elif prompt and isinstance(prompt[0], str):
-        prompts = [server.loaded.tokenizer.encode(p) for p in prompt]
+        prompts = [encode_text(server, p, "prompt") for p in prompt]
     elif prompt and isinstance(prompt[0], int):
         prompts = [list(prompt)]
     else:
@@ -65,7 +71,7 @@ def make_sampling(server, body, ids: list[int], limit: int | None, stop: tuple[s
 
 def seeded(sampling: Sampling, i: int) -> Sampling:
     """Choice i of n: seed + i, so n choices differ and a seed still fixes all of them."""
-    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + i)
+    return sampling if sampling.seed is None else dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**63)
 
 
 def event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:

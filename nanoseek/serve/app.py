@@ -140,6 +140,11 @@ def create_app(load: Callable, options: ServeOptions = ServeOptions(), meter=Non
         message, param = validation_message(err.errors())
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, err: Exception):  # never for bad input: those are 4xx above
+        log(f"nanoseek serve: error: {request.url.path}: {type(err).__name__}: {err}")
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}").body(), status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
