@@ -1,5 +1,6 @@
 """Continuous batching: rows joining and leaving a running batch decode exactly what they would alone."""
 
+import dataclasses
 import time
 
 import pytest
@@ -16,10 +17,14 @@ def letters(ids):
     return "".join(chr(65 + i % 26) for i in ids)
 
 
-@pytest.fixture(scope="module")
-def model():
+MHC_MOE = dict(residual="mhc", ffn="moe", n_routed_experts=4, top_k=2, moe_dispatch="loop")
+
+
+@pytest.fixture(scope="module", params=[{}, MHC_MOE], ids=["plain", "mhc-moe"])
+def model(request):
     torch.manual_seed(0)
-    return Transformer(CFG).double().eval()  # float64: batched and single rows agree to the last bit of argmax
+    # float64: batched and single rows agree to the last bit of the argmax
+    return Transformer(dataclasses.replace(CFG, **request.param)).double().eval()
 
 
 def job(prompt, max_tokens, events, **kw):
