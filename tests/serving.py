@@ -8,6 +8,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -19,6 +20,16 @@ from nanoseek.train.load import load_model
 
 REASONING, ANSWER = "x é y", "7"
 COMPLETION = f"{REASONING}</think>\n<answer>{ANSWER}</answer>"  # what the memorised model answers to "Q"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Imported by every serving test module: tiny models run fastest on one thread, and on two threads of a busy
+    machine ten times slower (docs/LOG.md); the previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(task: bool, seq_len: int = 128, d_model: int = 64):

@@ -7,7 +7,16 @@ import time
 import httpx
 import openai
 import pytest
-from serving import ANSWER, COMPLETION, REASONING, random_checkpoint, running_server, shared_memorised, slow_loader
+from serving import (
+    ANSWER,
+    COMPLETION,
+    REASONING,
+    random_checkpoint,
+    running_server,
+    shared_memorised,
+    single_thread,  # noqa: F401 (autouse fixture)
+    slow_loader,
+)
 
 from nanoseek.train.load import load_model
 

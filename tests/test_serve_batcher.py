@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from serving import single_thread  # noqa: F401 (autouse fixture)
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.generate import generate

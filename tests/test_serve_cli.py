@@ -9,7 +9,14 @@ import time
 
 import httpx
 import pytest
-from serving import ANSWER, REASONING, free_port, random_checkpoint, shared_memorised
+from serving import (
+    ANSWER,
+    REASONING,
+    free_port,
+    random_checkpoint,
+    shared_memorised,
+    single_thread,  # noqa: F401 (autouse fixture)
+)
 
 from nanoseek.cli import main
 

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import ANSWER, REASONING, random_checkpoint, running_server, shared_memorised, slow_loader
+from serving import (
+    ANSWER,
+    REASONING,
+    random_checkpoint,
+    running_server,
+    shared_memorised,
+    single_thread,  # noqa: F401 (autouse fixture)
+    slow_loader,
+)
 
 CANDIDATES = ("chromium-headless-shell", "chromium", "/usr/lib/chromium/chromium-headless-shell")
 
