@@ -6,14 +6,18 @@ PY := $(VENV)/bin/python
 # brings their own torch and it is kept.
 TORCH_PIN := torch==2.13.0
 
+<<<<<<< HEAD
 .PHONY: venv test test-fast lint format bench demo train-demo reason-demo r1-demo clean
+=======
+.PHONY: venv test lint format bench demo train-demo reason-demo chat-demo clean
+>>>>>>> serve
 
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -58,3 +62,10 @@ r1-demo: venv
 # runs are cached in runs/compare-demo, so a second `make demo` only prints the table again.
 demo: venv
 	$(PY) -m nanoseek compare --preset demo --out runs/compare-demo
+
+# Something to talk to in a few minutes: the reasoning demo's SFT cold start (a tiny byte model taught to think
+# before answering 1-digit sums like 3+4-2, about 4 minutes on 2 cores), trained once into runs/chat-demo, then
+# served with the web chat at http://127.0.0.1:8000/ (rm -rf runs/chat-demo to train it again).
+chat-demo: venv
+	[ -e runs/chat-demo/summary.json ] || $(PY) -m nanoseek sft --preset demo --out runs/chat-demo
+	$(PY) -m nanoseek serve --ckpt runs/chat-demo

@@ -19,6 +19,8 @@ EPILOG = """examples:
   nanoseek config --preset demo                      every key of a config, with its value and what it means
   nanoseek compare --preset demo                     baseline vs hc vs mhc vs muon: compute, time, energy to reach
   nanoseek export --ckpt runs/demo --out hf/demo     a transformers model folder (and back: --init hf:hf/demo)
+  nanoseek serve --ckpt runs/sft                     OpenAI-compatible API + web chat on http://127.0.0.1:8000/
+  nanoseek chat --ckpt runs/sft                      chat in the terminal
 """
 
 COMPARE_EPILOG = """The comparison file (TOML) has [compare] (seeds, baseline, budget, target_loss, watts_per_core,
@@ -295,6 +297,85 @@ def cmd_reason_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Talking to a model: serve and chat
+
+SERVE_EPILOG = """examples:
+  make chat-demo                                    train a small reasoning model (~4 min), serve it
+  nanoseek serve --ckpt runs/chat-demo              then open http://127.0.0.1:8000/
+  nanoseek serve --ckpt runs/demo --port 8001 --api-key s3cret
+  curl -N http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "3+4-2"}], "stream": true}'
+  any OpenAI client: base_url="http://127.0.0.1:8000/v1" (the model id is the run folder's name: GET /v1/models)
+
+The API key may also come from the environment variable NANOSEEK_API_KEY. Binding to an address other than
+127.0.0.1 / localhost without a key prints a warning: anyone who can reach the port can use the model.
+"""
+
+CHAT_EPILOG = """examples:
+  nanoseek chat --ckpt runs/chat-demo
+  nanoseek chat --ckpt runs/demo -p "The with statement" --max-tokens 80
+
+In the chat: /set temperature 0.7 (also top_p, top_k, max_tokens, seed), /show, /clear, /bye. End a line with
+a backslash to continue the message on the next line.
+"""
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from nanoseek.config import checkpoint_config
+
+    try:
+        import uvicorn
+
+        from nanoseek.serve.app import ServeOptions, create_app
+        from nanoseek.serve.protocol import Prices
+    except ImportError as err:
+        raise ValueError(
+            f"serving needs the serve extra ({err.name} is missing): pip install 'nanoseek[serve]'"
+        ) from None
+    from nanoseek.train.load import load_model
+
+    checkpoint_config(args.ckpt)  # a wrong path or a broken checkpoint stops here, before the server starts
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        print(f"nanoseek serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)  # fmt: skip
+    options = ServeOptions(
+        model_name=args.model_name, api_key=key, max_batch=args.max_batch, max_queue=args.max_queue,
+        prices=Prices(args.price_input, args.price_output, args.price_per_hour), cors_origins=tuple(args.cors_origin),
+    )  # fmt: skip
+    from nanoseek.measure.energy import select_meter
+
+    device = _device(args.device)
+    app = create_app(lambda: load_model(args.ckpt, device=device), options, select_meter(device, args.watts_per_core))
+    print(f"nanoseek serve: http://{args.host}:{args.port}/ (web chat), API at /v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.grace)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from nanoseek.measure.energy import select_meter
+    from nanoseek.serve.chat import run_chat
+
+    return run_chat(args, meter=select_meter("cpu", args.watts_per_core))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--watts-per-core", type=float, default=5.0, help="for the energy estimate without RAPL / NVML")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanoseek",
@@ -511,6 +592,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/r1-<preset>)")
     p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from finished runs")
     p.set_defaults(func=cmd_r1_demo)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible API and a web chat for a checkpoint",
+        description="Serve a checkpoint over HTTP: POST /v1/chat/completions and /v1/completions (streamed or not, "
+        "reasoning in reasoning_content), GET /v1/models, /health, /metrics (Prometheus) and a web chat at /. "
+        "Every answer reports tokens, timings, joules and dollars. Concurrent requests are batched.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument("--model-name", help="the model id clients use (default: the run folder's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond it get 429 (default 64)")
+    p.add_argument("--price-input", type=float, default=0.55, help="$ per million input tokens (DeepSeek-R1: 0.55)")
+    p.add_argument("--price-output", type=float, default=2.19, help="$ per million output tokens (DeepSeek-R1: 2.19)")
+    p.add_argument("--price-per-hour", type=float, default=0.10, help="$ per hour of this machine (default 0.10)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow a browser origin")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--grace", type=float, default=30.0, help="seconds SIGTERM waits for running answers (default 30)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a checkpoint in the terminal",
+        description="A terminal chat: streamed tokens, the thinking shown apart from the answer, history kept "
+        "within the context length. -p PROMPT answers once and exits (for scripts).",
+        epilog=CHAT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", help="answer this one message and exit")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=0, help="0 = the checkpoint's task budget or the context left")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="machine, versions, presets and corpus statistics")
     p.add_argument("--data", default="python-docs", help="corpus to describe (default: the embedded python-docs)")

@@ -1,5 +1,7 @@
 """The transformer LM: shapes, losses, KV cache, padding, analytic size and FLOPs, config validation."""
 
+import math
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -138,3 +140,17 @@ def test_qkv_bias_and_head_size_are_off_by_default_so_weight_names_do_not_change
     attn = model.blocks[0].attn.fn
     assert attn.q.weight.shape == (24, 32) and attn.proj.weight.shape == (32, 24) and attn.kv.bias.shape == (48,)
     assert not attn.q.bias.any() and not attn.kv.bias.any()  # biases start at zero
+
+
+def test_rotary_embedding_rotates_each_pair_by_its_angle():
+    """Pair (x_i, x_{i+D/2}) at position p turns by p · base^(-2i/D): hand values in float64, D = 4, base 100."""
+    from nanoseek.model.attention import apply_rotary, rotary_tables
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
+    for p in (0, 3):
+        out = apply_rotary(x, rotary_tables(4, p, 1, 100.0, None)).flatten()
+        for i, theta in enumerate((p * 1.0, p * 0.1)):  # frequencies 100^0 and 100^(-1/2)
+            c, s = math.cos(theta), math.sin(theta)
+            x1, x2 = x.flatten()[i].item(), x.flatten()[i + 2].item()
+            assert out[i].item() == pytest.approx(x1 * c - x2 * s, abs=1e-6)
+            assert out[i + 2].item() == pytest.approx(x2 * c + x1 * s, abs=1e-6)

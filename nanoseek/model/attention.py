@@ -29,7 +29,9 @@ class KVCache:
     """Keys and values of every layer for incremental decoding.
 
     k, v: (L, B, H_kv, T_max, D). ``valid`` (B, T_max) marks real tokens, so left-padded batches of prompts of
-    different lengths decode together: padding is never attended to. ``pos`` is the number of positions filled."""
+    different lengths decode together: padding is never attended to. ``pos`` is the number of positions filled.
+    ``offset`` is the rotary position of slot 0: rotary embeddings are relative, so any offset gives the same
+    attention; a server that shifts or trims the slots of a running batch keeps each key's position by moving it."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
@@ -38,6 +40,7 @@ class KVCache:
         self.valid = torch.ones(batch_size, max_len, device=device, dtype=torch.bool)
         self.max_len = max_len
         self.pos = 0
+        self.offset = 0
 
     def mask(self, t_new: int, pad_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Record the new tokens' padding and return the attention mask (B, 1, T_new, pos + T_new), or None when

@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         """The LM head's input (B, T, C), after the final norm. Callers that need log-probabilities of many positions
         apply ``lm_head`` to chunks of it, so (B, T, vocab) logits never exist at once."""
         b, t = idx.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.pos + cache.offset if cache is not None else 0
         if cache is None and start + t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than seq_len={self.cfg.seq_len}")
         rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)

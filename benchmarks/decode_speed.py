@@ -1,0 +1,88 @@
+"""Batch-1 decode speed of the generator against a baseline commit's generator, measured in the same run.
+
+The model is the demo preset's shape (byte tokenizer, d_model 192, 4 layers, seq_len 128: 1.8M parameters) with
+random weights: decode speed does not depend on what the weights learned. Each side runs in its own child process
+(the baseline from ``git archive`` of ``--baseline`` into a temporary folder), alternating, ``--repeats`` times; the
+figures are medians of wall-clock and process-CPU tokens per second. CPU time is the steadier figure on a shared
+machine: wall time includes waiting for the core.
+
+    python benchmarks/decode_speed.py                       # vs the commit before the serving work
+    python benchmarks/decode_speed.py --baseline HEAD~3 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "2915186"  # main before the serving work: the generator this benchmark was written to speed up
+
+CHILD = """
+import json, sys, time, torch
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.generate import generate
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = Transformer(ModelConfig(vocab_size=256, d_model=192, n_layers=4, n_heads=4, seq_len=128)).eval()
+prompt, new = [list(b"The with statement")], 128 - len(b"The with statement")
+generate(model, prompt, 16, temperature=1.0, generator=torch.Generator().manual_seed(1))  # warm-up
+out = {}
+for name, temperature in (("sampled", 1.0), ("greedy", 0.0)):
+    wall, cpu, tokens = 0.0, 0.0, 0
+    for rep in range(int(sys.argv[1])):
+        w, c = time.perf_counter(), time.process_time()
+        g = generate(model, prompt, new, temperature=temperature, generator=torch.Generator().manual_seed(rep))
+        wall, cpu, tokens = wall + time.perf_counter() - w, cpu + time.process_time() - c, tokens + g.tokens.shape[1]
+    out[name] = {"wall": tokens / wall, "cpu": tokens / cpu}
+print(json.dumps(out))
+"""
+
+
+def run_side(path: Path, runs: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(runs)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", default=BASELINE, help="git commit of the baseline generator")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating child runs per side")
+    ap.add_argument("--runs", type=int, default=5, help="generations of 110 tokens per child run and mode")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        command = ["git", "archive", args.baseline, "nanoseek"]
+        archive = subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(tmp, filter="data")
+        results: dict[str, list[dict]] = {"baseline": [], "current": []}
+        for _ in range(args.repeats):
+            results["baseline"].append(run_side(Path(tmp), args.runs))
+            results["current"].append(run_side(ROOT, args.runs))
+    load = os.getloadavg()[0]
+    print(f"batch-1 decode, demo shape, 1 thread; load average {load:.2f} at the end; medians of {args.repeats}")
+    print("| mode | baseline tok/s (wall / CPU) | current tok/s (wall / CPU) | ratio (wall / CPU) |")
+    print("|---|---|---|---|")
+    for mode in ("sampled", "greedy"):
+        med = {
+            side: {k: statistics.median(r[mode][k] for r in rows) for k in ("wall", "cpu")}
+            for side, rows in results.items()
+        }
+        b, c = med["baseline"], med["current"]
+        print(
+            f"| {mode} | {b['wall']:.0f} / {b['cpu']:.0f} | {c['wall']:.0f} / {c['cpu']:.0f} | "
+            f"{c['wall'] / b['wall']:.2f}× / {c['cpu'] / b['cpu']:.2f}× |"
+        )
+
+
+if __name__ == "__main__":
+    main()

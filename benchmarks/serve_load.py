@@ -1,0 +1,246 @@
+"""Load and soak of `nanoseek serve` on 127.0.0.1 (bounded in requests and time; loopback only).
+
+Load: for 1, 4 and 16 concurrent streaming clients, each sends /v1/completions requests (a short prompt, 64 new
+tokens, temperature 1) one after another for ``--seconds``; prints aggregate tokens/s, time to first token and the
+time per token (p50 / p99: the gap between two chunks divided by the request's mean tokens per chunk, since a
+busy server sends several tokens in one chunk), the ratio of throughput to one client, and the generator's batch-1
+decode speed in this process (same model, one thread). The model is the demo preset's shape with random weights
+(decode speed does not depend on what was learned) unless ``--ckpt`` names one.
+
+Soak (``--soak N``): N requests from 8 concurrent workers mixing valid chat and completions (streamed or not),
+malformed bodies, invalid parameters, oversized bodies and prompts, and streams the client abandons after a few
+events; prints requests by kind, answers by status, whether the server process is the one started (no restart) and
+its resident memory at the start, every 500 requests and at the end.
+
+    python benchmarks/serve_load.py                 # the load table
+    python benchmarks/serve_load.py --soak 2000     # the soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nanoseek.config import load_run_config  # noqa: E402
+from nanoseek.data.tokenizer import ByteTokenizer  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.model.generate import generate  # noqa: E402
+from nanoseek.train.checkpoint import save_checkpoint  # noqa: E402
+
+PROMPT = "The with statement"
+NEW_TOKENS = 64
+
+
+def demo_checkpoint(folder: Path) -> Path:
+    cfg = load_run_config([ROOT / "nanoseek/presets/demo.toml"], [])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    save_checkpoint(folder, 1, model.state_dict(), cfg.to_dict(), ByteTokenizer(), {"step": 1, "stage": "pretrain"})
+    return folder
+
+
+def start_server(ckpt: Path, port: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", str(port),
+               "--log-level", "warning", "--max-queue", "256"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, seed: int) -> dict:
+    body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 1.0, "seed": seed, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    arrivals, tokens = [], 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith('data: {"id"'):
+                arrivals.append(time.perf_counter())
+                if '"choices": []' in line:
+                    tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
+    arrivals = arrivals[:-1]  # the usage chunk
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    per_chunk = tokens / max(len(arrivals), 1)  # a busy server coalesces tokens into fewer chunks
+    return {"ttft": arrivals[0] - t0, "gaps": gaps, "per_token": [g / per_chunk for g in gaps], "tokens": tokens,
+            "chunks": len(arrivals)}  # fmt: skip
+
+
+async def load_level(url: str, clients: int, seconds: float) -> dict:
+    results, stop_at = [], time.perf_counter() + seconds
+
+    async def client_loop(k: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            i = 0
+            while time.perf_counter() < stop_at:
+                results.append(await stream_once(client, url, seed=k * 100_000 + i))
+                i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client_loop(k) for k in range(clients)))
+    wall = time.perf_counter() - t0
+    gaps = [g for r in results for g in r["per_token"]]
+    ttft = [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 50),
+            "ttft_p99": pct(ttft, 99), "gap_p50": pct(gaps, 50), "gap_p99": pct(gaps, 99),
+            "per_chunk": tokens / sum(r["chunks"] for r in results)}  # fmt: skip
+
+
+def batch1_decode(ckpt: Path) -> float:
+    from nanoseek.train.load import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(ckpt).model
+    prompt = [list(PROMPT.encode())]
+    generate(model, prompt, 8, generator=torch.Generator().manual_seed(0))
+    t0, n = time.perf_counter(), 0
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        n += generate(model, prompt, model.cfg.seq_len - len(prompt[0]), generator=g).tokens.shape[1]
+    return n / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Soak
+
+KINDS = ("chat", "chat_stream", "completion", "malformed_json", "bad_param", "oversized_body", "oversized_prompt",
+         "cancelled_stream")  # fmt: skip
+
+
+async def soak_request(client: httpx.AsyncClient, url: str, kind: str, rng: random.Random) -> str:
+    chat = {"messages": [{"role": "user", "content": rng.choice(["hello", "1+2", "The with statement"])}],
+            "max_tokens": rng.randint(1, 48), "temperature": rng.choice([0, 0.7, 1.0])}  # fmt: skip
+    post = url + "/v1/chat/completions"
+    if kind == "chat":
+        r = await client.post(post, json=chat)
+    elif kind == "chat_stream":
+        async with client.stream("POST", post, json={**chat, "stream": True}) as r:
+            body = b"".join([chunk async for chunk in r.aiter_bytes()])
+            if r.status_code == 200 and not body.endswith(b"data: [DONE]\n\n"):
+                return "stream_not_closed"
+    elif kind == "completion":
+        r = await client.post(url + "/v1/completions", json={"prompt": "def f(", "max_tokens": rng.randint(1, 32)})
+    elif kind == "malformed_json":
+        r = await client.post(post, content=b'{"messages": [', headers={"Content-Type": "application/json"})
+    elif kind == "bad_param":
+        r = await client.post(post, json={**chat, rng.choice(["temperature", "top_p", "n"]): -3})
+    elif kind == "oversized_body":
+        r = await client.post(post, content=b"x" * 1_200_000, headers={"Content-Type": "application/json"})
+    elif kind == "oversized_prompt":
+        r = await client.post(post, json={**chat, "messages": [{"role": "user", "content": "y" * 500}]})
+    else:  # a stream the client abandons after two events
+        async with client.stream("POST", post, json={**chat, "max_tokens": 100, "stream": True}) as r:
+            n = 0
+            async for _ in r.aiter_lines():
+                n += 1
+                if n >= 4:
+                    break
+        return "abandoned"
+    return str(r.status_code)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def soak(url: str, pid: int, total: int, workers: int = 8) -> None:
+    rng = random.Random(0)
+    plan = [rng.choice(KINDS) for _ in range(total)]
+    kinds, statuses, memory = collections.Counter(plan), collections.Counter(), [(0, rss_mb(pid))]
+    done = 0
+
+    async def worker(k: int) -> None:
+        nonlocal done
+        async with httpx.AsyncClient(timeout=60) as client:
+            for i in range(k, total, workers):
+                statuses[(plan[i], await soak_request(client, url, plan[i], rng))] += 1
+                done += 1
+                if done % 500 == 0:
+                    memory.append((done, rss_mb(pid)))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(workers)))
+    health = httpx.get(url + "/health").status_code
+    print(f"soak: {total} requests, {workers} concurrent workers, {time.perf_counter() - t0:.0f} s, "
+          f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print("requests by kind: " + ", ".join(f"{k} {kinds[k]}" for k in KINDS))
+    print("answers by kind and status: " + ", ".join(f"{k}/{s}: {n}" for (k, s), n in sorted(statuses.items())))
+    metrics = httpx.get(url + "/metrics").text.splitlines()
+    cancelled = next(line.split()[-1] for line in metrics if line.startswith("nanoseek_requests_cancelled_total"))
+    errors = sum(int(line.split()[-1]) for line in metrics if 'status="5' in line)
+    print(f"answered: {sum(statuses.values())} of {total}; /health after: {health}; 5xx answers: {errors}; "
+          f"generations cancelled by the server: {cancelled}")  # fmt: skip
+    if memory[-1][0] != total:
+        memory.append((total, rss_mb(pid)))
+    print("server RSS (MB) after N requests: " + ", ".join(f"{n}: {m:.0f}" for n, m in memory))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", help="checkpoint to serve (default: the demo shape, random weights)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each load level")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (clients use the other core)")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak with N requests instead")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint(Path(tmp) / "demo-random")
+        proc = start_server(ckpt, args.port, args.threads)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            if args.soak:
+                asyncio.run(soak(url, proc.pid, args.soak))
+                print(f"server process {proc.pid} still running: {proc.poll() is None}")
+                return
+            asyncio.run(load_level(url, 1, 2.0))  # warm-up
+            rows = [asyncio.run(load_level(url, n, args.seconds)) for n in args.clients]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        decode = batch1_decode(ckpt)
+    base = rows[0]["tokens_per_s"]
+    print(f"server: {args.threads} torch thread(s); {NEW_TOKENS} new tokens per request; load average at the end "
+          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    print("| clients | requests | aggregate tok/s | vs 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) "
+          "| tokens per chunk |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for r in rows:
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}× | "
+              f"{1e3 * r['ttft_p50']:.1f} / {1e3 * r['ttft_p99']:.1f} | "
+              f"{1e3 * r['gap_p50']:.2f} / {1e3 * r['gap_p99']:.2f} | {r['per_chunk']:.2f} |")  # fmt: skip
+    print(f"generator batch-1 decode (in process, 1 thread): {decode:.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Continuous batching: one worker thread owns the model and decodes every running sequence together.
+
+Requests never run on the event loop. ``Batcher.submit`` puts jobs (one per choice of a request) on a bounded
+queue (``QueueFull`` past ``max_queue`` waiting jobs: the server answers 429). Between two decode steps the worker
+
+1. drops cancelled jobs (a client that went away stops costing anything within one step),
+2. admits waiting jobs up to ``max_batch`` running ones: their prompts are prefilled together into slots at the
+   right end of the running batch's KV cache, so every row's last token sits in the same slot,
+3. samples one token per row (each job with its own settings and its own seeded ``torch.Generator``, so a seed
+   gives the same text whoever else is in the batch, up to float rounding of batched matmuls),
+4. hands each job its new text (``reasoning.TextStream``: whole characters, never a stop string) and finishes
+   the jobs that met a stop string or their token budget,
+5. runs one forward pass of one token for all remaining rows.
+
+Rows join and leave a running batch, so the cache is left-padded per row (``KVCache.valid``) and its slots are
+moved when needed: a prompt longer than the filled part shifts every row right, and columns that no row uses any
+more are trimmed from the left. Rotary embeddings are relative, so moving slots is exact as long as each key keeps
+its position: ``KVCache.offset`` (the position of slot 0) moves with them.
+
+Each job's energy and machine time are its share of every forward pass it was part of (a pass's joules and seconds
+divided equally among its rows); prefill and decode wall times are what the job waited for.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.model.attention import KVCache
+from nanoseek.model.generate import sample_next
+from nanoseek.serve.reasoning import TextStream
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the queue holds."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and takes no new jobs."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence is sampled (validated by the API layer)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class JobStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    """Submitted -> prefill started."""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    """Wall time of the decode steps this job took part in."""
+    first_token_s: float | None = None
+    """Submitted -> first non-empty text."""
+    joules: float = 0.0
+    machine_s: float = 0.0
+    """This job's share of the forward passes' wall time (what the machine spent on it)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to generate. ``emit(kind, value)`` is called from the worker thread with ("text", str),
+    then ("done", finish_reason) — "stop" or "length" — or ("error", message); after it, ``stats`` is final."""
+
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[str, object], None]
+    stats: JobStats = field(default_factory=JobStats)
+    tokens_after_cancel: int | None = None
+    """Tokens generated between ``cancel()`` and the worker dropping the job (the tests check it is ≤ 1)."""
+
+    def __post_init__(self) -> None:
+        seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.stats.prompt_tokens = len(self.prompt)
+        self._tokens_at_cancel = 0
+        self.text: TextStream | None = None
+
+    def cancel(self) -> None:
+        self._tokens_at_cancel = self.stats.completion_tokens
+        self.cancelled.set()
+
+
+class RunningBatch:
+    """The rows being decoded: their KV cache (L, B, H_kv, capacity, D) and the logits of their next token."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int):
+        self.model, self.capacity = model, capacity
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (B, V)
+
+    def __len__(self) -> int:
+        return 0 if self.logits is None else self.logits.shape[0]
+
+    def add(self, prompts: list[list[int]]) -> None:
+        """Prefill new rows so that their last prompt token lands in the running rows' last slot."""
+        p, cfg = max(len(x) for x in prompts), self.model.cfg
+        c = self.cache
+        if c is not None and p > c.pos:
+            self._move(c.pos, p - c.pos)  # shift every row right: the new prompt needs p filled slots
+        new = KVCache(cfg, len(prompts), self.capacity, self._device(), self._dtype())
+        if c is not None:
+            new.pos, new.offset = c.pos - p, c.offset
+            new.valid[:, : new.pos] = False
+        seq = torch.zeros(len(prompts), p, dtype=torch.long)
+        pad = torch.zeros(len(prompts), p, dtype=torch.bool)
+        for i, x in enumerate(prompts):
+            seq[i, p - len(x) :], pad[i, p - len(x) :] = torch.tensor(x), True
+        logits = self.model(seq.to(new.k.device), cache=new, pad_mask=pad.to(new.k.device))[:, -1].float()
+        if c is None:
+            self.cache, self.logits = new, logits
+            return
+        c.k, c.v = torch.cat((c.k, new.k), dim=1), torch.cat((c.v, new.v), dim=1)
+        c.valid = torch.cat((c.valid, new.valid), dim=0)
+        self.logits = torch.cat((self.logits, logits), dim=0)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (finished and cancelled ones leave)."""
+        if not rows:
+            self.cache = self.logits = None
+            return
+        if len(rows) == len(self):
+            return
+        index = torch.tensor(rows, device=self.logits.device)
+        c = self.cache
+        c.k, c.v, c.valid = c.k.index_select(1, index), c.v.index_select(1, index), c.valid.index_select(0, index)
+        self.logits = self.logits.index_select(0, index)
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """One token per row, tokens (B,) -> the next logits."""
+        c = self.cache
+        if c.pos + 1 > c.max_len:
+            self._move(c.pos, 0)
+        self.logits = self.model(tokens[:, None].to(c.k.device), cache=c)[:, -1].float()
+
+    def _move(self, pos: int, shift: int) -> None:
+        """Trim columns no row uses from the left, then shift every row ``shift`` slots right; keys keep their
+        rotary positions through ``offset``."""
+        c = self.cache
+        used = c.valid[:, :pos].any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else pos
+        length = pos - start
+        if length + shift > c.max_len:
+            raise RuntimeError(f"KV cache of {c.max_len} slots cannot hold {length + shift}")
+        k, v = torch.zeros_like(c.k), torch.zeros_like(c.v)
+        valid = torch.ones_like(c.valid)
+        k[:, :, :, shift : shift + length] = c.k[:, :, :, start:pos]
+        v[:, :, :, shift : shift + length] = c.v[:, :, :, start:pos]
+        valid[:, :shift] = False
+        valid[:, shift : shift + length] = c.valid[:, start:pos]
+        c.k, c.v, c.valid = k, v, valid
+        c.pos, c.offset = shift + length, c.offset + start - shift
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+class Batcher:
+    """The generation worker. ``meter`` is an energy meter (``read()`` -> cumulative joules) or None."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        decode: Callable[[list[int]], str],
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        meter=None,
+        log: Callable[[str], None] = print,
+    ):
+        self.model, self.decode, self.meter, self.log = model, decode, meter, log
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.seq_len = model.cfg.seq_len
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self.batch = RunningBatch(model, 2 * self.seq_len)
+        self.wake = threading.Condition()
+        self.step_lock = threading.Lock()  # held for every step: tests hold it to freeze generation
+        self.stopping = False
+        self.steps = 0
+        self.tokens = 0
+        self.ended: collections.deque[Job] = collections.deque(maxlen=256)  # recent finished or cancelled jobs
+        self.thread = threading.Thread(target=self._run, name="nanoseek-generate", daemon=True)
+
+    def start(self) -> Batcher:
+        self.thread.start()
+        return self
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request together, or none of them."""
+        for job in jobs:
+            if len(job.prompt) + job.sampling.max_tokens > self.seq_len:
+                raise ValueError(f"prompt + max_tokens exceed the context of {self.seq_len} tokens")
+        with self.wake:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            self.waiting.extend(jobs)
+            self.wake.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(waiting jobs, running jobs)."""
+        return len(self.waiting), len(self.running)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; jobs still queued or running end with an error event."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        for job in list(self.waiting) + self.running:
+            job.emit("error", "the server shut down before this request finished")
+        self.waiting.clear()
+        self.running = []
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The worker
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wake:
+                while not self.stopping and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+            try:
+                with self.step_lock:
+                    self._step()
+            except Exception as err:  # a bug must not take the server down: fail the batch, keep serving
+                self.log(f"nanoseek serve: generation failed: {type(err).__name__}: {err}")
+                for job in self.running:
+                    job.emit("error", f"generation failed: {type(err).__name__}")
+                self.running, self.batch = [], RunningBatch(self.model, 2 * self.seq_len)
+
+    def _step(self) -> None:
+        self._drop([j for j in self.running if j.cancelled.is_set()])
+        with self.wake:
+            new = []
+            while self.waiting and len(self.running) + len(new) < self.max_batch:
+                job = self.waiting.popleft()
+                if not job.cancelled.is_set():
+                    new.append(job)
+        if new:
+            self._prefill(new)
+        if not self.running:
+            return
+        tokens = torch.empty(len(self.running), dtype=torch.long)
+        finished: dict[int, str] = {}
+        for i, job in enumerate(self.running):
+            s = job.sampling
+            token, _ = sample_next(self.batch.logits[i : i + 1], s.temperature, s.top_k, s.top_p, job.generator)
+            tokens[i] = token[0]
+            job.stats.completion_tokens += 1
+            text = job.text.push(int(token[0]))
+            if text:
+                if job.stats.first_token_s is None:
+                    job.stats.first_token_s = time.perf_counter() - job.submitted
+                job.emit("text", text)
+            if job.text.stopped:
+                finished[i] = "stop"
+            elif job.stats.completion_tokens >= s.max_tokens:
+                finished[i] = "length"
+        self.tokens += len(self.running)
+        for i, reason in finished.items():
+            job = self.running[i]
+            rest = job.text.flush()
+            if rest:
+                job.emit("text", rest)
+            job.emit("done", reason)
+            self.ended.append(job)
+        rows = [i for i in range(len(self.running)) if i not in finished]
+        self.running = [self.running[i] for i in rows]
+        self.batch.keep(rows)
+        if self.running:
+            self._forward(self.running, lambda: self.batch.step(tokens[rows]), "decode_s")
+            self.steps += 1
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            job.stats.queue_s = now - job.submitted
+            job.text = TextStream(self.decode, job.sampling.stop)
+        self.running.extend(jobs)  # before the forward pass: if it fails, these jobs get the error too
+        self._forward(jobs, lambda: self.batch.add([j.prompt for j in jobs]), "prefill_s")
+
+    def _forward(self, jobs: list[Job], run: Callable[[], None], timing: str) -> None:
+        """Run a forward pass and share its seconds and joules among ``jobs``."""
+        j0, t0 = self._joules(), time.perf_counter()
+        run()
+        dt, dj = time.perf_counter() - t0, self._joules() - j0
+        for job in jobs:
+            setattr(job.stats, timing, getattr(job.stats, timing) + dt)
+            job.stats.machine_s += dt / len(jobs)
+            job.stats.joules += dj / len(jobs)
+
+    def _drop(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        for job in jobs:
+            job.tokens_after_cancel = job.stats.completion_tokens - job._tokens_at_cancel
+            job.emit("done", "cancelled")
+            self.ended.append(job)
+        rows = [i for i, j in enumerate(self.running) if j not in jobs]
+        self.running = [self.running[i] for i in rows]
+        self.batch.keep(rows)
+
+    def _joules(self) -> float:
+        return self.meter.read() if self.meter is not None else 0.0

@@ -1,0 +1,138 @@
+"""Continuous batching: rows joining and leaving a running batch decode exactly what they would alone."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+from serving import single_thread  # noqa: F401 (autouse fixture)
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.generate import generate
+from nanoseek.serve.batcher import Batcher, Job, QueueFull, Sampling
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=40)
+
+
+def letters(ids):
+    return "".join(chr(65 + i % 26) for i in ids)
+
+
+MHC_MOE = dict(residual="mhc", ffn="moe", n_routed_experts=4, top_k=2, moe_dispatch="loop")
+
+
+@pytest.fixture(scope="module", params=[{}, MHC_MOE], ids=["plain", "mhc-moe"])
+def model(request):
+    torch.manual_seed(0)
+    # float64: batched and single rows agree to the last bit of the argmax
+    return Transformer(dataclasses.replace(CFG, **request.param)).double().eval()
+
+
+def job(prompt, max_tokens, events, **kw):
+    return Job(prompt, Sampling(max_tokens, temperature=0.0, **kw), lambda kind, v: events.append((kind, v)))
+
+
+@torch.no_grad()
+def test_rows_joining_at_different_steps_decode_as_they_would_alone(model):
+    """Prompts of different lengths join a running batch over 100+ steps: shorter ones (aligned right), a longer
+    one (every row shifts right) and enough steps that unused columns are trimmed from the left."""
+    b = Batcher(model, letters, max_batch=4)
+    moves = []  # (slots trimmed from the left, shift right) of every rebuild of the cache
+    original = b.batch._move
+
+    def move(pos, shift):
+        used = b.batch.cache.valid[:, :pos].any(dim=0).nonzero()
+        moves.append((int(used[0]) if len(used) else pos, shift))
+        original(pos, shift)
+
+    b.batch._move = move
+    plan = {0: [2], 1: [20, 3], 15: [3], 30: [4, 12], 45: [5], 60: [6], 75: [3, 8], 90: [2]}  # step -> prompt lengths
+    prompts, jobs = [], []
+    g = torch.Generator().manual_seed(0)
+    for step in range(200):
+        for n in plan.get(step, []):
+            p = torch.randint(0, 64, (n,), generator=g).tolist()
+            prompts.append(p)
+            jobs.append(job(p, 40 - n if n > 9 else 25, []))
+            b.submit([jobs[-1]])
+        b._step()
+        if not b.running and not b.waiting and step > max(plan):
+            break
+    assert any(shift > 0 for _, shift in moves) and any(trim > 0 for trim, _ in moves)
+    for p, j in zip(prompts, jobs, strict=True):
+        alone = generate(model, [p], j.sampling.max_tokens, temperature=0)
+        assert j.text.ids == alone.tokens[0].tolist(), f"prompt of {len(p)} tokens"
+        assert j.stats.completion_tokens == j.sampling.max_tokens
+
+
+@torch.no_grad()
+def test_a_seed_fixes_the_sample_whoever_shares_the_batch(model):
+    def run(others: int) -> list[int]:
+        b = Batcher(model, letters, max_batch=8)
+        j = Job([1, 2, 3], Sampling(20, temperature=1.0, seed=7), lambda *a: None)
+        b.submit([j] + [Job([5] * (k + 2), Sampling(20, temperature=1.0), lambda *a: None) for k in range(others)])
+        while b.running or b.waiting:
+            b._step()
+        return j.text.ids
+
+    alone = run(0)
+    assert run(3) == alone and run(5) == alone
+
+
+@torch.no_grad()
+def test_stop_strings_length_and_cancel_end_rows(model):
+    free = generate(model, [[4, 5, 6]], 20, temperature=0).tokens[0].tolist()
+    stop = letters(free)[5:8]
+    b = Batcher(model, letters)
+    events_a, events_b, events_c = [], [], []
+    a, c = job([4, 5, 6], 20, events_a, stop=(stop,)), job([4, 5, 6], 20, events_c)
+    short = job([4, 5, 6], 3, events_b)
+    b.submit([a, short, c])
+    b._step()
+    b._step()
+    c.cancel()
+    while b.running or b.waiting:
+        b._step()
+    text_a = "".join(v for k, v in events_a if k == "text")
+    assert events_a[-1] == ("done", "stop") and text_a == letters(free)[: letters(free).index(stop)]
+    assert events_b[-1] == ("done", "length") and a.stats.completion_tokens == letters(free).index(stop) + 3
+    assert events_c[-1] == ("done", "cancelled") and c.tokens_after_cancel == 0
+    assert c.stats.completion_tokens == 2
+
+
+def test_queue_is_bounded_and_checks_the_context(model):
+    b = Batcher(model, letters, max_queue=2)
+    b.submit([job([1], 5, []), job([2], 5, [])])
+    with pytest.raises(QueueFull):
+        b.submit([job([3], 5, [])])
+    with pytest.raises(ValueError, match="context"):
+        Batcher(model, letters).submit([job([1] * 30, 11, [])])
+
+
+@torch.no_grad()
+def test_a_failing_forward_fails_its_batch_and_the_worker_keeps_serving(model):
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg, self.fail = model, model.cfg, True
+
+        def forward(self, *args, **kwargs):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return self.inner(*args, **kwargs)
+
+    logs, first, second = [], [], []
+    b = Batcher(Flaky(), letters, log=logs.append).start()
+    try:
+        b.submit([job([1, 2], 3, first)])
+        deadline = time.monotonic() + 10
+        while not first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b.submit([job([1, 2], 3, second)])
+        while (not second or second[-1][0] != "done") and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        b.stop()
+    assert first == [("error", "generation failed: RuntimeError")] and "boom" in logs[0]
+    assert second[-1] == ("done", "length")
