@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from nanoseek.schema import check_choice, require
 
-RESIDUAL_KINDS = ("plain", "hc", "mhc")
 FFN_KINDS = ("swiglu", "relu2", "moe")
 MOE_DISPATCHES = ("grouped", "loop")
 MHC_RES_INITS = ("identity", "uniform", "eye")
@@ -106,7 +105,9 @@ class ModelConfig:
             f"must divide n_heads={self.n_heads}",
         )
         check_choice("ffn", self.ffn, FFN_KINDS)
-        check_choice("residual", self.residual, RESIDUAL_KINDS)
+        from nanoseek.model.residual import RESIDUALS  # the kinds live with their classes, which import this file
+
+        check_choice("residual", self.residual, tuple(RESIDUALS))
         check_choice("mhc_res_init", self.mhc_res_init, MHC_RES_INITS)
         check_choice("stream_collapse", self.stream_collapse, STREAM_COLLAPSES)
         require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a positive number")

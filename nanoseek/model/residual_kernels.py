@@ -1,0 +1,214 @@
+"""Fused kernels of the stream residuals (residual.py): the same maths as its readable functions, tested equal to
+them in float64 (tests/test_residual_kernels.py), written to touch the n·C-wide stream as little as eager PyTorch
+allows and to let torch.compile fuse the rest.
+
+    sinkhorn(logits, t)              Sinkhorn-Knopp with the tokens last, in place; backward from the denominators
+    rms_projection(v, phi, eps)      RMSNorm(v) · φ without the normalised copy of v
+    read_streams(x, h_pre, w, eps)   RMSNorm(H_pre · x) · w, H_pre · x recomputed in backward
+    mix_streams(x, h_res, h_post, y) H_res · x + H_postᵀ · y
+
+F's cost does not change with n; what grows is traffic over the stream x: (..., n, C). The three stream functions
+each save x itself (one storage, shared by all three) and a few numbers per token, allocate one n·C-wide buffer
+forward or backward at most, and loop over the n streams with fused multiply-adds, which torch.compile fuses further
+into single passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 unchanged (coefficients are never computed in half)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+
+
+def _tokens_last(m: torch.Tensor) -> torch.Tensor:
+    """(..., n, n) -> a new contiguous (n, n, N). The matrices are tiny and the tokens many: with the tokens last,
+    a row or column sum adds n contiguous vectors of N numbers, several times faster than n-wide reductions."""
+    n = m.shape[-1]
+    return m.reshape(-1, n, n).permute(1, 2, 0).clone(memory_format=torch.contiguous_format)
+
+
+def _sinkhorn_in_place(m: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sinkhorn-Knopp on tokens-last logits m: (n, n, N), normalising one buffer in place (fresh buffers per
+    iterate cost more than the arithmetic at this size). Returns the result and the 2·n_iters denominators
+    (column sums, row sums, column sums, ...), each (1, n, N) or (n, 1, N): step k divided by dens[k]."""
+    tiny = torch.finfo(m.dtype).tiny  # keeps a column of underflowed zeros (huge logits) at zero instead of 0/0
+    m = (m - m.amax(dim=(0, 1), keepdim=True)).exp_()
+    dens = []
+    for _ in range(n_iters):
+        for dim in (0, 1):  # columns sum to 1 (sum over the row index i), then rows (done last, so exact)
+            dens.append(m.sum(dim=dim, keepdim=True).add_(tiny))
+            m.div_(dens[-1])
+    return m, dens
+
+
+# Sinkhorn is an opaque operator (torch.library.custom_op) rather than an autograd.Function: traced by torch.compile,
+# its 2·t_max dependent reductions compile slowly (tens of seconds per site) into code slower than this eager loop.
+
+
+@torch.library.custom_op("nanoseek::sinkhorn", mutates_args=())
+def _sinkhorn_op(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    m, _ = _sinkhorn_in_place(_tokens_last(logits), n_iters)
+    return m.permute(2, 0, 1).reshape(logits.shape).contiguous()
+
+
+@torch.library.custom_op("nanoseek::sinkhorn_backward", mutates_args=())
+def _sinkhorn_backward_op(grad: torch.Tensor, logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    """Backward reruns the forward keeping only the denominators, then walks the steps in reverse: step k was
+    y = m / d_k (d_k = Σ_dim m + tiny), so dL/dm = (g - Σ_dim g·y) / d_k, and the step's input is recovered in
+    place as m = y · d_k. The gradient equals unrolled autograd up to the rounding of those 2·t_max
+    multiplications (≈ 1e-14 relative in float64), without storing any iterate."""
+    m, dens = _sinkhorn_in_place(_tokens_last(logits), n_iters)
+    grad = _tokens_last(grad)
+    gy = torch.empty_like(m)
+    for k in range(len(dens) - 1, -1, -1):
+        dim = k % 2  # 0: column step, 1: row step
+        torch.mul(grad, m, out=gy)
+        grad.sub_(gy.sum(dim=dim, keepdim=True)).div_(dens[k])
+        m.mul_(dens[k])
+    # m is now M_0 = exp(L - max): the max shift cancels in the first normalisation, so it carries no gradient.
+    return (grad * m).permute(2, 0, 1).reshape(logits.shape).contiguous()
+
+
+@_sinkhorn_op.register_fake
+def _(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    return logits.new_empty(logits.shape)
+
+
+@_sinkhorn_backward_op.register_fake
+def _(grad: torch.Tensor, logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    return logits.new_empty(logits.shape)
+
+
+def _sinkhorn_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    logits, ctx.n_iters = inputs
+    ctx.save_for_backward(logits)  # the forward keeps only its input
+
+
+def _sinkhorn_grad(ctx, grad: torch.Tensor):
+    (logits,) = ctx.saved_tensors
+    return _sinkhorn_backward_op(grad, logits, ctx.n_iters), None
+
+
+_sinkhorn_op.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
+
+
+def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
+    """Project logits (..., n, n) onto (approximately) doubly stochastic matrices by Sinkhorn-Knopp.
+
+    exp(logits), then ``n_iters`` rounds of column then row normalisation. Rows sum to 1 exactly; columns
+    approximately. Memory-light backward (see ``_sinkhorn_backward_op``)."""
+    if n_iters < 1:
+        raise ValueError(f"n_iters={n_iters!r} is invalid: expected an integer >= 1")
+    return _sinkhorn_op(logits, n_iters)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading, mixing and writing the streams
+
+
+def _dot_over_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_c a_ic b_jc: a (..., p, C), b (..., q, C) -> (..., p, q), p and q tiny. torch.compile turns the broadcast
+    product summed over C into one fused loop; eager would materialise p·q·C numbers per token, so it gets a
+    batched matmul instead."""
+    if torch.compiler.is_compiling():
+        return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(dim=-1)
+    return a @ b.transpose(-1, -2)
+
+
+class _ReadStreams(torch.autograd.Function):
+    """The block's input RMSNorm(H_pre · x) · w, H_pre · x = Σ_j H_pre_j x_j.
+    x: (..., n, C), h_pre: (..., n), weight: (C,) -> (..., C) in the promoted dtype of x and h_pre.
+    Saves x, h_pre and one number per token: H_pre · x is recomputed in backward instead of kept (C per token)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        read = h_pre[..., 0:1] * x[..., 0, :]
+        for j in range(1, x.shape[-2]):
+            read.addcmul_(h_pre[..., j : j + 1], x[..., j, :])
+        rstd = torch.rsqrt(read.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, h_pre, weight, rstd)
+        return read.mul_(rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, h_pre, weight, rstd = ctx.saved_tensors
+        read = (h_pre.unsqueeze(-2) @ upcast(x)).squeeze(-2)  # (..., C), recomputed
+        # out = read · rstd · w: dL/dw = Σ g · read · rstd, dL/dread = rstd · (g·w - read · rstd² · mean(g·w·read))
+        normed = read * rstd
+        grad_w = (g * normed).flatten(0, -2).sum(0)
+        gw = g * weight
+        grad_read = (gw - normed * (gw * normed).mean(dim=-1, keepdim=True)).mul_(rstd)
+        grad_x = h_pre.unsqueeze(-1) * grad_read.unsqueeze(-2)  # (..., n, C)
+        grad_h_pre = _dot_over_channels(grad_read.unsqueeze(-2), upcast(x)).squeeze(-2)  # Σ_c g_c x_jc: (..., n)
+        return grad_x.to(x.dtype), grad_h_pre, grad_w.to(weight.dtype), None
+
+
+class _MixStreams(torch.autograd.Function):
+    """out = H_res · x + H_postᵀ · y, i.e. out_i = Σ_j H_res_ij x_j + H_post_i y  (DESIGN.md §3).
+    x: (..., n, C), h_res: (..., n, n), h_post: (..., n), y: (..., C) -> (..., n, C) in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, h_res, h_post, y)
+        out = h_post.unsqueeze(-1) * y.unsqueeze(-2)  # H_postᵀ · y, in the coefficients' precision
+        for j in range(x.shape[-2]):
+            out.addcmul_(h_res[..., j : j + 1], x[..., j : j + 1, :])  # + column j of H_res ⊗ stream j
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, h_res, h_post, y = ctx.saved_tensors
+        g = upcast(g)
+        grad_x = h_res[..., 0, :].unsqueeze(-1) * g[..., 0:1, :]  # H_resᵀ · g, one row of H_res at a time
+        grad_y = h_post[..., 0:1] * g[..., 0, :]  # H_post · g
+        for i in range(1, x.shape[-2]):
+            grad_x.addcmul_(h_res[..., i, :].unsqueeze(-1), g[..., i : i + 1, :])
+            grad_y.addcmul_(h_post[..., i : i + 1], g[..., i, :])
+        grad_h_res = _dot_over_channels(g, upcast(x))  # Σ_c g_ic x_jc: (..., n, n)
+        grad_h_post = _dot_over_channels(g, upcast(y).unsqueeze(-2)).squeeze(-1)  # Σ_c g_ic y_c: (..., n)
+        return grad_x.to(x.dtype), grad_h_res, grad_h_post, grad_y.to(y.dtype)
+
+
+class _RMSProjection(torch.autograd.Function):
+    """RMSNorm(v) · φ = (v · φ) · r with r = rsqrt(mean(v²) + eps) per token, never materialising the normalised
+    copy of v.   v: (..., D), phi: (D, k) -> (..., k). Saves v and k + 1 numbers per token."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+        proj = v @ phi
+        r = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1] + eps)
+        ctx.save_for_backward(v, phi, proj, r)
+        return proj * r
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        v, phi, proj, r = ctx.saved_tensors
+        g_proj = g * r  # dL/d(v·φ)
+        # dL/dr = Σ_k g_k proj_k and dr/dv = -r³ v / D
+        g_v_coef = (g * proj).sum(dim=-1, keepdim=True) * r.pow(3) / -v.shape[-1]  # (..., 1)
+        grad_v = (g_proj @ phi.t()).addcmul_(v, g_v_coef)
+        grad_phi = (g_proj.flatten(0, -2).t() @ v.flatten(0, -2)).t()  # (k, D) @ ... is the faster orientation
+        return grad_v, grad_phi, None
+
+
+def read_streams(x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The block input RMSNorm(H_pre · x) with gain ``weight``: x (..., n, C), h_pre (..., n) -> (..., C). Equals
+    ``F.rms_norm(torch.einsum("...n,...nc->...c", h_pre, x), (C,), weight, eps)``."""
+    return _ReadStreams.apply(x, h_pre, weight, eps)
+
+
+def mix_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H_res · x + H_postᵀ · y: x (..., n, C), h_res (..., n, n), h_post (..., n), y (..., C) -> (..., n, C)."""
+    return _MixStreams.apply(x, h_res, h_post, y)
+
+
+def rms_projection(v: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(v) · φ (scale-free RMSNorm): v (..., D), phi (D, k) -> (..., k)."""
+    return _RMSProjection.apply(v, phi, eps)
