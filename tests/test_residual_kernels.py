@@ -138,11 +138,12 @@ MODELS = [
 ]
 
 
-def _model_pair(kind: dict) -> tuple[Transformer, Transformer]:
+def _model_pair(kind: dict, **fused_kind) -> tuple[Transformer, Transformer]:
     """Two float64 copies of one model, the second running the readable equations at every site."""
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=16, **kind)
+    fused_cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=16, **kind, **fused_kind)
     torch.manual_seed(0)
-    fused = Transformer(cfg).double()
+    fused = Transformer(fused_cfg).double()
     with torch.no_grad():  # move the coefficients away from their symmetric start, so every path carries gradient
         for site in fused.residual_sites():
             for p in site.no_decay_parameters():
@@ -154,10 +155,12 @@ def _model_pair(kind: dict) -> tuple[Transformer, Transformer]:
     return fused, reference
 
 
+@pytest.mark.parametrize("recompute", [0, 2, 3])
 @pytest.mark.parametrize("kind", MODELS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
-def test_model_with_fused_kernels_equals_the_readable_equations(kind):
-    """Logits, loss and every parameter's gradient of a whole model, fused vs readable, in float64."""
-    fused, reference = _model_pair(kind)
+def test_model_with_fused_kernels_equals_the_readable_equations(kind, recompute):
+    """Logits, loss and every parameter's gradient of a whole model, fused (with or without block recompute, blocks
+    of 2 or 3 of the 4 sites) vs readable, in float64."""
+    fused, reference = _model_pair(kind, stream_recompute=recompute)
     idx = torch.randint(0, 64, (2, 16))
     losses = []
     for model in (fused, reference):
@@ -168,3 +171,32 @@ def test_model_with_fused_kernels_equals_the_readable_equations(kind):
     for (name, p), q in zip(fused.named_parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _saved_stream_storages(model: Transformer, idx: torch.Tensor) -> int:
+    """How many distinct storages the size of the n-stream state autograd saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stream_bytes = idx.numel() * model.cfg.n_streams * model.cfg.d_model * 8
+    storages = set()
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.nbytes() == stream_bytes:
+            storages.add(s.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)[1].backward()
+    return len(storages)
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_block_recompute_keeps_the_stream_state_once_per_block(residual):
+    """6 sites: without recompute the state is kept at every site (the first one's contiguous copy included);
+    with blocks of 3, only the second block's start is (the first block starts from the C-wide embedding)."""
+    idx = torch.randint(0, 64, (2, 16))
+    base = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, seq_len=16, residual=residual)
+    counts = [
+        _saved_stream_storages(Transformer(ModelConfig(**base, stream_recompute=k)).double(), idx) for k in (0, 3)
+    ]
+    assert counts == [6, 1]

@@ -60,6 +60,10 @@ class ModelConfig:
     stream_collapse: str = "mean"
     """How the n streams become one before the final norm: mean (default; keeps the plain model's scale), sum (HC's
     convention; equal after the final RMSNorm up to its epsilon), or learned (DeepSeek-V4-style dynamic weights)."""
+    stream_recompute: int = 0
+    """hc / mhc block recompute (the mHC paper's): sites per block, k >= 2 keeps the n-stream state for backward
+    only at the first site of every k and rebuilds it inside the block by replaying the mixes (F is not rerun; its
+    outputs and the coefficients are kept). Less memory, some more time; 0 or 1 keeps the state at every site."""
     n_shared_experts: int = 1
     """moe: experts every token goes through (DeepSeek-V3 has 1). 0 for none."""
     n_routed_experts: int = 16
@@ -86,6 +90,8 @@ class ModelConfig:
     per expert (any dtype; the reference the grouped path is tested against). Same result either way."""
 
     def __post_init__(self) -> None:
+        value = self.stream_recompute
+        require(isinstance(value, int) and value >= 0, "stream_recompute", value, "expected an integer >= 0")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_streams", "sinkhorn_iters"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, value, "expected an integer >= 1")

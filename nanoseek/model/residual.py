@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +52,20 @@ def sinkhorn(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
     return m
 
 
-def rms_projection(v: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+# The fused versions also take a ``replay`` (block recompute, see Streams); here autograd keeps what it needs.
+
+
+def rms_projection(v: torch.Tensor, phi: torch.Tensor, eps: float, replay: tuple = ()) -> torch.Tensor:
     """RMSNorm(v) · φ with a scale-free RMSNorm: v (..., D), phi (D, k) -> (..., k)."""
     return F.rms_norm(v, (v.shape[-1],), eps=eps) @ phi
 
 
-def read_streams(x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def read_streams(x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float, replay: tuple = ()):
     """F's input RMSNorm(H_pre · x) with gain ``weight``: x (..., n, C), h_pre (..., n) -> (..., C)."""
     return F.rms_norm(torch.einsum("...n,...nc->...c", h_pre, x), (x.shape[-1],), weight, eps)
 
 
-def mix_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mix_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor, replay: tuple = ()):
     """H_res · x + H_postᵀ · y: x (..., n, C), h_res (..., n, n), h_post (..., n), y = F's output (..., C)."""
     return (h_res @ x + h_post.unsqueeze(-1) * y.unsqueeze(-2)).to(x.dtype)
 
@@ -95,6 +99,19 @@ def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
 
 
+class Streams(NamedTuple):
+    """The residual state between sites under block recompute (``ModelConfig.stream_recompute``): the streams x
+    (..., n, C) and ``replay`` = (x at the start of the recompute block, then H_res, H_post, y of each site since),
+    from which the fused kernels rebuild x in backward instead of keeping it. Empty replay: x is kept."""
+
+    x: torch.Tensor
+    replay: tuple[torch.Tensor, ...] = ()
+
+
+def _stream_tensor(state: torch.Tensor | Streams) -> torch.Tensor:
+    return state.x if isinstance(state, Streams) else state
+
+
 class StreamCollapse(nn.Module):
     """(..., n, C) -> (..., C) before the final norm: mean, sum, or learned dynamic weights (DeepSeek-V4 style:
     RMSNorm(flat) -> n weights -> sigmoid -> weighted sum; initialised to the mean)."""
@@ -107,7 +124,8 @@ class StreamCollapse(nn.Module):
             nn.init.zeros_(self.proj.weight)
             nn.init.constant_(self.proj.bias, -math.log(n - 1) if n > 1 else 10.0)  # sigmoid(bias) = 1/n
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, state: torch.Tensor | Streams) -> torch.Tensor:
+        x = _stream_tensor(state)
         if self.mode == "mean":
             return x.mean(dim=-2)
         if self.mode == "sum":
@@ -213,10 +231,24 @@ class _StreamResidual(Residual):
         super().__init__(fn, dim, eps)
         self.n, self.eps = n, eps
         self.ops = FUSED
+        self.replay_next = False  # block recompute: the next site belongs to this site's block
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> _StreamResidual:
+        site = cls._from_config(cfg, fn, site_index)
+        k = cfg.stream_recompute
+        site.replay_next = k > 1 and site_index % k != k - 1
+        return site
+
+    @classmethod
+    def _from_config(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> _StreamResidual:
+        raise NotImplementedError
 
     @staticmethod
-    def expand(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-        return expand_streams(x, cfg.n_streams)
+    def expand(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor | Streams:
+        x = expand_streams(x, cfg.n_streams)  # a view of the embedding (stride 0 over n)
+        # under block recompute the first block starts from that view: backward keeps the C-wide embedding
+        return Streams(x, (x,)) if cfg.stream_recompute > 1 else x
 
     @staticmethod
     def collapse(cfg: ModelConfig) -> nn.Module:
@@ -235,25 +267,29 @@ class _StreamResidual(Residual):
     def flops_per_token(cls, cfg: ModelConfig) -> int:
         return super().flops_per_token(cfg) + 3 * 2 * StreamCollapse.weights(cfg)
 
-    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coefficients(self, x: torch.Tensor, replay: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(H_pre, H_post, H_res) for the streams x: (..., n, C), in fp32 even under autocast."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._coefficients(upcast(x))
+            return self._coefficients(upcast(x), replay)
 
-    def mixing_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.coefficients(x.contiguous())[2].detach()
+    def mixing_matrix(self, x: torch.Tensor | Streams) -> torch.Tensor:
+        return self.coefficients(_stream_tensor(x).contiguous())[2].detach()
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, state: torch.Tensor | Streams, **kwargs) -> torch.Tensor | Streams:
         # x: (..., n, C), the residual streams (kept in fp32 under autocast). The first site gets the expanded
         # embedding (stride 0 over n): one contiguous copy, shared by everything below, beats the slow strided paths
         # of the projection and the batched matmuls of backward.
+        x, replay = (state.x, state.replay) if isinstance(state, Streams) else (state, ())
         x = x.contiguous()
-        h_pre, h_post, h_res = self.coefficients(x)
+        h_pre, h_post, h_res = self.coefficients(x, replay)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            read = self.ops.read_streams(x, h_pre, upcast(self.norm.weight), self.norm.eps)  # RMSNorm(H_pre · x)
+            read = self.ops.read_streams(x, h_pre, upcast(self.norm.weight), self.norm.eps, replay)  # RMSNorm(H_pre·x)
         y = self.fn(read.to(x.dtype), **kwargs)  # F runs once, on a C-vector: (..., C)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.ops.mix_streams(x, h_res, h_post, y)  # H_res · x + H_postᵀ · y: (..., n, C)
+            out = self.ops.mix_streams(x, h_res, h_post, y, replay)  # H_res · x + H_postᵀ · y: (..., n, C)
+        if not isinstance(state, Streams):
+            return out
+        return Streams(out, (*(replay or (x,)), h_res, h_post, y) if self.replay_next else ())
 
 
 class HyperConnection(_StreamResidual):
@@ -278,7 +314,7 @@ class HyperConnection(_StreamResidual):
         self.scale_beta = nn.Parameter(torch.tensor(gate_init))
 
     @classmethod
-    def build(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> HyperConnection:
+    def _from_config(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> HyperConnection:
         return cls(fn, cfg.d_model, cfg.n_streams, site_index, cfg.norm_eps, cfg.mhc_gate_init)
 
     @classmethod
@@ -291,9 +327,9 @@ class HyperConnection(_StreamResidual):
         n, d = cfg.n_streams, cfg.d_model
         return super().site_flops(cfg) + 2 * n * d * (n + 2)  # W applied to each of the n streams
 
-    def _coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coefficients(self, x: torch.Tensor, replay: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # d: (..., n, n+2), row i = tanh(RMSNorm(x_i) · W) from stream i
-        d = torch.tanh(self.ops.rms_projection(x, upcast(self.dynamic.weight).t(), self.eps))
+        d = torch.tanh(self.ops.rms_projection(x, upcast(self.dynamic.weight).t(), self.eps, replay))
         a_m = self.static_read + self.scale_alpha * d[..., 0]  # (..., n)
         a_r = self.static_mix + self.scale_alpha * d[..., 1 : self.n + 1]  # (..., n, n), [i, j]
         b = self.static_write + self.scale_beta * d[..., -1]  # (..., n)
@@ -332,7 +368,7 @@ class ManifoldHyperConnection(_StreamResidual):
         self.b_res = nn.Parameter(torch.eye(n) * scale)
 
     @classmethod
-    def build(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> ManifoldHyperConnection:
+    def _from_config(cls, cfg: ModelConfig, fn: nn.Module, site_index: int) -> ManifoldHyperConnection:
         return cls(
             fn,
             cfg.d_model,
@@ -354,9 +390,9 @@ class ManifoldHyperConnection(_StreamResidual):
         n, d = cfg.n_streams, cfg.d_model
         return super().site_flops(cfg) + 2 * n * d * (2 * n + n * n)  # v · φ
 
-    def _coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coefficients(self, x: torch.Tensor, replay: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
-        h = self.ops.rms_projection(x.flatten(-2), upcast(self.phi), self.eps)  # RMSNorm(vec x) · φ: (..., 2n + n²)
+        h = self.ops.rms_projection(x.flatten(-2), upcast(self.phi), self.eps, replay)  # RMSNorm(vec x)·φ: (.., 2n+n²)
         h_pre = torch.sigmoid(self.alpha[0] * h[..., :n] + self.b_pre)
         h_post = 2 * torch.sigmoid(self.alpha[1] * h[..., n : 2 * n] + self.b_post)
         res_logits = self.alpha[2] * h[..., 2 * n :].unflatten(-1, (n, n)) + self.b_res

@@ -111,6 +111,12 @@ def sinkhorn(logits: torch.Tensor, n_iters: int = 20) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading, mixing and writing the streams
+#
+# Block recompute (the mHC paper's): inside a block of sites only the block's first stream state is kept for
+# backward. Each function below takes an optional ``replay`` = (x_start, H_res, H_post, y of every earlier site of
+# the block): when given, it saves those instead of x, and backward rebuilds x by replaying the mixes. The F outputs
+# y (C per token) and the coefficients are saved anyway; what is not kept is the n·C-wide x of every site.
+# Each function replays on its own (stateless, so torch.compile can trace it and merge the repeated replays).
 
 
 def _dot_over_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,23 +128,62 @@ def _dot_over_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(-1, -2)
 
 
+def _mix(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H_res · x + H_postᵀ · y, computed in the coefficients' precision, returned in x's dtype."""
+    out = h_post.unsqueeze(-1) * y.unsqueeze(-2)  # H_postᵀ · y
+    for j in range(x.shape[-2]):
+        out.addcmul_(h_res[..., j : j + 1], x[..., j : j + 1, :])  # + column j of H_res ⊗ stream j
+    return out.to(x.dtype)
+
+
+def replay_streams(start: torch.Tensor, *history: torch.Tensor) -> torch.Tensor:
+    """The stream state after the sites whose (H_res, H_post, y) are ``history``, starting from ``start``.
+
+    Under torch.compile the replay is written as a broadcast product summed over j: the same numbers (to rounding)
+    from different operations, so that common-subexpression elimination does not merge it with the forward's mix
+    (which would make backward read the forward's x after all, and the partitioner keep it)."""
+    x = start.contiguous()
+    for k in range(0, len(history), 3):
+        h_res, h_post, y = history[k : k + 3]
+        if torch.compiler.is_compiling():
+            mixed = (h_res.unsqueeze(-1) * x.unsqueeze(-3)).sum(dim=-2) + h_post.unsqueeze(-1) * y.unsqueeze(-2)
+            x = mixed.to(x.dtype)
+        else:
+            x = _mix(x, h_res, h_post, y)
+    return x
+
+
+def _save(ctx, tensors: tuple, x: torch.Tensor, replay: tuple) -> None:
+    """Save ``tensors`` and the stream x, or, with a replay, what rebuilds x instead of x."""
+    ctx.x_shape, ctx.x_dtype, ctx.n_replay, ctx.n_saved = x.shape, x.dtype, len(replay), len(tensors)
+    ctx.save_for_backward(*tensors, *(replay or (x,)))
+
+
+def _saved(ctx) -> tuple[tuple, torch.Tensor]:
+    """The tensors saved by ``_save`` and the stream x (rebuilt if it was not kept)."""
+    saved = ctx.saved_tensors
+    tensors, rest = saved[: ctx.n_saved], saved[ctx.n_saved :]
+    x = replay_streams(*rest).reshape(ctx.x_shape).to(ctx.x_dtype) if ctx.n_replay else rest[0]
+    return tensors, x
+
+
 class _ReadStreams(torch.autograd.Function):
     """The block's input RMSNorm(H_pre · x) · w, H_pre · x = Σ_j H_pre_j x_j.
     x: (..., n, C), h_pre: (..., n), weight: (C,) -> (..., C) in the promoted dtype of x and h_pre.
     Saves x, h_pre and one number per token: H_pre · x is recomputed in backward instead of kept (C per token)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float, *replay) -> torch.Tensor:
         read = h_pre[..., 0:1] * x[..., 0, :]
         for j in range(1, x.shape[-2]):
             read.addcmul_(h_pre[..., j : j + 1], x[..., j, :])
         rstd = torch.rsqrt(read.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, h_pre, weight, rstd)
+        _save(ctx, (h_pre, weight, rstd), x, replay)
         return read.mul_(rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, h_pre, weight, rstd = ctx.saved_tensors
+        (h_pre, weight, rstd), x = _saved(ctx)
         read = (h_pre.unsqueeze(-2) @ upcast(x)).squeeze(-2)  # (..., C), recomputed
         # out = read · rstd · w: dL/dw = Σ g · read · rstd, dL/dread = rstd · (g·w - read · rstd² · mean(g·w·read))
         normed = read * rstd
@@ -147,7 +192,7 @@ class _ReadStreams(torch.autograd.Function):
         grad_read = (gw - normed * (gw * normed).mean(dim=-1, keepdim=True)).mul_(rstd)
         grad_x = h_pre.unsqueeze(-1) * grad_read.unsqueeze(-2)  # (..., n, C)
         grad_h_pre = _dot_over_channels(grad_read.unsqueeze(-2), upcast(x)).squeeze(-2)  # Σ_c g_c x_jc: (..., n)
-        return grad_x.to(x.dtype), grad_h_pre, grad_w.to(weight.dtype), None
+        return grad_x.to(x.dtype), grad_h_pre, grad_w.to(weight.dtype), None, *[None] * ctx.n_replay
 
 
 class _MixStreams(torch.autograd.Function):
@@ -155,16 +200,13 @@ class _MixStreams(torch.autograd.Function):
     x: (..., n, C), h_res: (..., n, n), h_post: (..., n), y: (..., C) -> (..., n, C) in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, h_res, h_post, y)
-        out = h_post.unsqueeze(-1) * y.unsqueeze(-2)  # H_postᵀ · y, in the coefficients' precision
-        for j in range(x.shape[-2]):
-            out.addcmul_(h_res[..., j : j + 1], x[..., j : j + 1, :])  # + column j of H_res ⊗ stream j
-        return out.to(x.dtype)
+    def forward(ctx, x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor, *replay):
+        _save(ctx, (h_res, h_post, y), x, replay)
+        return _mix(x, h_res, h_post, y)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, h_res, h_post, y = ctx.saved_tensors
+        (h_res, h_post, y), x = _saved(ctx)
         g = upcast(g)
         grad_x = h_res[..., 0, :].unsqueeze(-1) * g[..., 0:1, :]  # H_resᵀ · g, one row of H_res at a time
         grad_y = h_post[..., 0:1] * g[..., 0, :]  # H_post · g
@@ -173,42 +215,42 @@ class _MixStreams(torch.autograd.Function):
             grad_y.addcmul_(h_post[..., i : i + 1], g[..., i, :])
         grad_h_res = _dot_over_channels(g, upcast(x))  # Σ_c g_ic x_jc: (..., n, n)
         grad_h_post = _dot_over_channels(g, upcast(y).unsqueeze(-2)).squeeze(-1)  # Σ_c g_ic y_c: (..., n)
-        return grad_x.to(x.dtype), grad_h_res, grad_h_post, grad_y.to(y.dtype)
+        return grad_x.to(x.dtype), grad_h_res, grad_h_post, grad_y.to(y.dtype), *[None] * ctx.n_replay
 
 
 class _RMSProjection(torch.autograd.Function):
     """RMSNorm(v) · φ = (v · φ) · r with r = rsqrt(mean(v²) + eps) per token, never materialising the normalised
-    copy of v.   v: (..., D), phi: (D, k) -> (..., k). Saves v and k + 1 numbers per token."""
+    copy of v.   v: (..., D), phi: (D, k) -> (..., k). Saves v and k + 1 numbers per token. With a replay, v is
+    the stream state reshaped (mHC: flattened; HC: per stream, unchanged)."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, v: torch.Tensor, phi: torch.Tensor, eps: float, *replay) -> torch.Tensor:
         proj = v @ phi
         r = torch.rsqrt(torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1] + eps)
-        ctx.save_for_backward(v, phi, proj, r)
+        _save(ctx, (phi, proj, r), v, replay)
         return proj * r
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        v, phi, proj, r = ctx.saved_tensors
+        (phi, proj, r), v = _saved(ctx)
         g_proj = g * r  # dL/d(v·φ)
         # dL/dr = Σ_k g_k proj_k and dr/dv = -r³ v / D
         g_v_coef = (g * proj).sum(dim=-1, keepdim=True) * r.pow(3) / -v.shape[-1]  # (..., 1)
         grad_v = (g_proj @ phi.t()).addcmul_(v, g_v_coef)
         grad_phi = (g_proj.flatten(0, -2).t() @ v.flatten(0, -2)).t()  # (k, D) @ ... is the faster orientation
-        return grad_v, grad_phi, None
+        return grad_v, grad_phi, None, *[None] * ctx.n_replay
 
 
-def read_streams(x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The block input RMSNorm(H_pre · x) with gain ``weight``: x (..., n, C), h_pre (..., n) -> (..., C). Equals
-    ``F.rms_norm(torch.einsum("...n,...nc->...c", h_pre, x), (C,), weight, eps)``."""
-    return _ReadStreams.apply(x, h_pre, weight, eps)
+def read_streams(x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float, replay: tuple = ()):
+    """The block input RMSNorm(H_pre · x) with gain ``weight``: x (..., n, C), h_pre (..., n) -> (..., C)."""
+    return _ReadStreams.apply(x, h_pre, weight, eps, *replay)
 
 
-def mix_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mix_streams(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor, replay: tuple = ()):
     """H_res · x + H_postᵀ · y: x (..., n, C), h_res (..., n, n), h_post (..., n), y (..., C) -> (..., n, C)."""
-    return _MixStreams.apply(x, h_res, h_post, y)
+    return _MixStreams.apply(x, h_res, h_post, y, *replay)
 
 
-def rms_projection(v: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_projection(v: torch.Tensor, phi: torch.Tensor, eps: float, replay: tuple = ()) -> torch.Tensor:
     """RMSNorm(v) · φ (scale-free RMSNorm): v (..., D), phi (D, k) -> (..., k)."""
-    return _RMSProjection.apply(v, phi, eps)
+    return _RMSProjection.apply(v, phi, eps, *replay)
