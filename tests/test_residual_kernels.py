@@ -200,3 +200,18 @@ def test_block_recompute_keeps_the_stream_state_once_per_block(residual):
         _saved_stream_storages(Transformer(ModelConfig(**base, stream_recompute=k)).double(), idx) for k in (0, 3)
     ]
     assert counts == [6, 1]
+
+
+def test_eager_block_recompute_replays_each_mix_once_and_keeps_nothing_afterwards(monkeypatch):
+    """8 sites in blocks of 4: each block replays its 3 inner mixes once (not once per function and site), and the
+    memo of replayed states is empty once backward is done."""
+    calls = []
+    mix = kernels._mix
+    monkeypatch.setattr(kernels, "_mix", lambda *a: calls.append(1) or mix(*a))
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, seq_len=16, residual="mhc", stream_recompute=4)
+    idx = torch.randint(0, 64, (2, 16))
+    _, loss = Transformer(cfg)(idx, idx)
+    forward_mixes = len(calls)
+    loss.backward()
+    assert (forward_mixes, len(calls) - forward_mixes) == (8, 2 * 3)
+    assert kernels._memo.states == []
