@@ -260,8 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); about 2 minutes on "
-        "2 cores, nearly all of it compilation",
+        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); nearly all of its "
+        "time is compilation",
     )
     args = p.parse_args(argv)
     if args.quick:
