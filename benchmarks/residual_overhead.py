@@ -5,8 +5,14 @@ F (the block function inside every residual site) is the real thing: the attenti
 cross-entropy, backward). Only the residual connection differs between arms; the embedding, head and loss are the
 same small constant in every arm (≈ 2 % of plain's FLOPs at the default shape).
 
-    python benchmarks/residual_overhead.py            # B=8, T=256, C=256, n=4, 8 sites, eager and compiled
+    python benchmarks/residual_overhead.py            # B=8, T=256, C=256, n=4, 8 sites: eager, compiled, bf16
     python benchmarks/residual_overhead.py --quick    # a smoke run at tiny shapes
+
+Arms: plain (the baseline), hc, mhc, mhc-recompute (mHC with ``stream_recompute``: the n-stream state kept only
+at the start of every --block sites, rebuilt in backward), package (see below). Runs: eager and compile in fp32,
+eager-bf16 and compile-bf16 under bf16 autocast (as training with dtype=bfloat16 does). After the tables the
+goals are printed with whether each mHC arm meets them: compiled fp32 time ≤ 1.10× plain (stretch 1.067×, the
+paper's), saved activations ≤ 1.2× plain in eager and compiled, compiled bf16 time ≤ 1.15× plain.
 
 Every arm is timed in the same run, arms interleaved (in a rotating order) within each repeat, and reported as the
 median wall time over repeats and as a ratio to plain; the ratio of median process CPU times is printed too (steadier
@@ -102,9 +108,20 @@ def package_available() -> bool:
     return True
 
 
+ARMS = ("plain", "hc", "mhc", "mhc-recompute", "package")
+RUNS = {"eager": ("eager", None), "compile": ("compile", None)}
+RUNS |= {f"{mode}-bf16": (mode, torch.bfloat16) for mode in ("eager", "compile")}
+GOALS = [  # (what, run, measure, bound): measure is "time" (median wall time) or "saved" (saved activations)
+    ("compiled fp32 time ≤ 1.10× plain (stretch 1.067×)", "compile", "time", 1.10),
+    ("saved activations, eager ≤ 1.2× plain", "eager", "saved", 1.2),
+    ("saved activations, compiled ≤ 1.2× plain", "compile", "saved", 1.2),
+    ("compiled bf16 time ≤ 1.15× plain", "compile-bf16", "time", 1.15),
+]
+
+
 def build(arm: str, args: argparse.Namespace) -> nn.Module:
     """The model of one arm, seeded so that F's weights are the same in every arm."""
-    residual = "plain" if arm == PACKAGE else arm
+    residual = {PACKAGE: "plain", "mhc-recompute": "mhc"}.get(arm, arm)
     cfg = ModelConfig(
         vocab_size=256,
         d_model=args.dim,
@@ -113,20 +130,23 @@ def build(arm: str, args: argparse.Namespace) -> nn.Module:
         seq_len=args.seq,
         residual=residual,
         n_streams=args.streams,
+        stream_recompute=args.block if arm == "mhc-recompute" else 0,
     )
     torch.manual_seed(0)
     model = Transformer(cfg)
     return PackageMHCModel(model, args.streams) if arm == PACKAGE else model
 
 
-def step(model: nn.Module, idx: torch.Tensor) -> None:
-    """One training step's forward and backward (no optimiser: it is the same in every arm)."""
+def step(model: nn.Module, idx: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """One training step's forward and backward (no optimiser: it is the same in every arm); with a dtype, the
+    forward runs under autocast to it."""
     model.zero_grad(set_to_none=True)
-    _, loss = model(idx, idx)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        _, loss = model(idx, idx)
     loss.backward()
 
 
-def saved_activation_bytes(model: nn.Module, idx: torch.Tensor) -> int:
+def saved_activation_bytes(model: nn.Module, idx: torch.Tensor, dtype: torch.dtype | None) -> int:
     """Bytes autograd saves for backward during one forward, each storage once, parameters (and views of them)
     excluded. Under torch.compile this sees what the compiled graph saves."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -138,14 +158,13 @@ def saved_activation_bytes(model: nn.Module, idx: torch.Tensor) -> int:
             storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
         return t
 
-    model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(idx, idx)
-    loss.backward()
+        step(model, idx, dtype)
     return sum(storages.values())
 
 
-def measure(arms: list[str], mode: str, idx: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure(arms: list[str], run: str, idx: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    mode, dtype = RUNS[run]
     models = {arm: build(arm, args) for arm in arms}
     if mode == "compile":
         torch._inductor.config.force_disable_caches = True  # compile time from scratch, not from a cache on disk
@@ -155,13 +174,13 @@ def measure(arms: list[str], mode: str, idx: torch.Tensor, args: argparse.Namesp
     for arm, model in models.items():
         start = time.perf_counter()
         for _ in range(1 + args.warmup):  # the first step compiles; a guard may recompile on the second
-            step(model, idx)
+            step(model, idx, dtype)
         warm = time.perf_counter() - start
-        out[arm] = {"warm": warm, "saved": saved_activation_bytes(model, idx), "wall": [], "cpu": []}
+        out[arm] = {"warm": warm, "saved": saved_activation_bytes(model, idx, dtype), "wall": [], "cpu": []}
     for r in range(args.repeats):
         for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:  # rotate who goes first
             wall, cpu = time.perf_counter(), time.process_time()
-            step(models[arm], idx)
+            step(models[arm], idx, dtype)
             out[arm]["wall"].append(time.perf_counter() - wall)
             out[arm]["cpu"].append(time.process_time() - cpu)
     for res in out.values():
@@ -172,20 +191,38 @@ def measure(arms: list[str], mode: str, idx: torch.Tensor, args: argparse.Namesp
 
 def table(results: dict[str, dict[str, dict]]) -> str:
     head = (
-        f"{'mode':8} {'arm':22} {'fwd+bwd ms':>11} {'× plain':>8} {'cpu × plain':>12} {'saved MB':>9} {'× plain':>8} "
+        f"{'run':12} {'arm':22} {'fwd+bwd ms':>11} {'× plain':>8} {'cpu × plain':>12} {'saved MB':>9} {'× plain':>8} "
         f"{'compile s':>10}"
     )
     lines = [head, "-" * len(head)]
-    for mode, res in results.items():
+    for run, res in results.items():
         base = res["plain"]
         for arm, r in res.items():
             name = f"{PACKAGE} mHC" if arm == PACKAGE else arm
-            compile_s = f"{r['compile']:10.1f}" if mode == "compile" else f"{'-':>10}"
+            compile_s = f"{r['compile']:10.1f}" if RUNS[run][0] == "compile" else f"{'-':>10}"
             lines.append(
-                f"{mode:8} {name:22} {1e3 * r['median']:11.1f} {r['median'] / base['median']:8.2f} "
+                f"{run:12} {name:22} {1e3 * r['median']:11.1f} {r['median'] / base['median']:8.2f} "
                 f"{r['cpu_median'] / base['cpu_median']:12.2f} {r['saved'] / 2**20:9.1f} "
                 f"{r['saved'] / base['saved']:8.2f} {compile_s}"
             )
+    return "\n".join(lines)
+
+
+def goals(results: dict[str, dict[str, dict]]) -> str:
+    """Each goal, and for each mHC arm measured in its run the ratio to plain and whether it is met."""
+    lines = ["goals (ratio to plain in the same run):"]
+    for what, run, measure_, bound in GOALS:
+        res = results.get(run)
+        arms = [a for a in ("mhc", "mhc-recompute") if res and a in res]
+        if not arms:
+            lines.append(f"  {what}: not measured (needs run {run} and an mhc arm)")
+            continue
+        key = "median" if measure_ == "time" else "saved"
+        verdicts = []
+        for arm in arms:
+            ratio = res[arm][key] / res["plain"][key]
+            verdicts.append(f"{arm} {ratio:.3f}× {'met' if ratio <= bound else 'NOT met'}")
+        lines.append(f"  {what}: " + "; ".join(verdicts))
     return "\n".join(lines)
 
 
@@ -200,22 +237,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=10, help="timed steps per arm; the median is reported (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm after the first (default 2)")
     p.add_argument(
-        "--modes",
-        default="eager,compile",
-        help="comma-separated subset of eager,compile (default both); compile uses torch.compile's default mode",
+        "--runs",
+        default="eager,compile,compile-bf16",
+        help=f"comma-separated subset of {','.join(RUNS)} (default eager,compile,compile-bf16); compile uses "
+        "torch.compile's default mode, -bf16 runs the forward under bf16 autocast",
     )
     p.add_argument(
         "--arms",
-        default="plain,hc,mhc,package",
-        help="comma-separated subset of plain,hc,mhc,package; 'package' is hyper-connections' mHC and is skipped "
-        "with a note when it is not installed; plain is always measured, as the baseline (default all)",
+        default="plain,mhc,mhc-recompute",
+        help=f"comma-separated subset of {','.join(ARMS)}; 'package' is hyper-connections' mHC and is skipped "
+        "with a note when it is not installed; plain is always measured, as the baseline (default "
+        "plain,mhc,mhc-recompute)",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="sites per recompute block of the mhc-recompute arm (default 4; the paper's √(n·L/(n+2)) would be 2 "
+        "at 8 sites, which keeps twice as many states)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); about 2 minutes on "
-        "2 cores, nearly all of it compilation",
+        help="smoke run: B=2, T=32, C=64, 2 sites, 3 repeats, 1 warm-up (overrides those flags); nearly all of its "
+        "time is compilation",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -225,12 +271,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name}={getattr(args, name)} is invalid: expected an integer >= 1")
     if args.sites % 2:
         p.error(f"--sites={args.sites} is invalid: expected an even number (each layer has 2 sites)")
-    args.modes = args.modes.split(",")
-    if not set(args.modes) <= {"eager", "compile"}:
-        p.error(f"--modes={','.join(args.modes)} is invalid: expected a subset of eager,compile")
+    args.runs = args.runs.split(",")
+    if not set(args.runs) <= set(RUNS):
+        p.error(f"--runs={','.join(args.runs)} is invalid: expected a subset of {','.join(RUNS)}")
     arms = args.arms.split(",")
-    if not set(arms) <= {"plain", "hc", "mhc", "package"}:
-        p.error(f"--arms={args.arms} is invalid: expected a subset of plain,hc,mhc,package")
+    if not set(arms) <= set(ARMS):
+        p.error(f"--arms={args.arms} is invalid: expected a subset of {','.join(ARMS)}")
+    if args.block < 2:
+        p.error(f"--block={args.block} is invalid: expected an integer >= 2")
     args.arms = ["plain"] + [PACKAGE if a == "package" else a for a in arms if a != "plain"]
     return args
 
@@ -247,8 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     idx = torch.randint(0, 256, (args.batch, args.seq))
     print(
         f"B={args.batch} T={args.seq} C={args.dim} n={args.streams} sites={args.sites} (F = attention + SwiGLU "
-        f"sublayers), fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} steps per arm",
+        f"sublayers), recompute block {args.block} sites, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, median of {args.repeats} steps per arm",
         flush=True,
     )
     load = os.getloadavg()[0]
@@ -258,8 +306,12 @@ def main(argv: list[str] | None = None) -> None:
             "other processes compete for the cores (--threads 1 gives steadier ratios)",
             flush=True,
         )
-    results = {mode: measure(arms, mode, idx, args) for mode in args.modes}
+    results = {}
+    for run in args.runs:
+        results[run] = measure(arms, run, idx, args)
+        print(f"{run}: done, load average {os.getloadavg()[0]:.1f}", flush=True)
     print(table(results))
+    print(goals(results))
     print(f"1-minute load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine)")
     if PACKAGE in arms:
         print(PACKAGE_NOTES)

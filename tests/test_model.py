@@ -17,6 +17,7 @@ KINDS = [
     dict(residual="mhc", stream_collapse="learned", n_streams=2, ffn="relu2"),
     dict(residual="hc", n_streams=1, qk_norm=True, n_kv_heads=2, tie_embeddings=False),
     dict(residual="plain", head_size=6, qkv_bias=True, n_kv_heads=2),  # Qwen-style heads: 4 × 6 ≠ d_model
+    dict(residual="mhc", stream_recompute=3),
 ]
 
 
@@ -119,6 +120,7 @@ def test_analytic_flops_within_10_percent_of_flop_counter(kind):
         (dict(ffn="gelu"), "ffn"),
         (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
         (dict(sinkhorn_iters=0), "sinkhorn_iters"),
+        (dict(stream_recompute=-1), "stream_recompute"),
         (dict(mhc_res_init="random"), "mhc_res_init"),
         (dict(stream_collapse="max"), "stream_collapse"),
         (dict(d_model=12, n_heads=4), "d_model"),  # head_dim 3 is odd: no rotary pairs

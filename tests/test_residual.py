@@ -7,55 +7,16 @@ import torch
 from torch import nn
 
 from nanoseek import ModelConfig, Transformer
-from nanoseek.model import residual
 from nanoseek.model.residual import (
+    RESIDUALS,
     HyperConnection,
     ManifoldHyperConnection,
     PlainResidual,
     StreamCollapse,
     expand_streams,
     identity_like_logit,
-    mix_streams,
-    read_streams,
-    rms_projection,
     sinkhorn,
-    sinkhorn_unrolled,
 )
-
-
-def test_sinkhorn_is_nearly_doubly_stochastic_after_20_iterations():
-    torch.manual_seed(0)
-    m = sinkhorn(torch.randn(512, 4, 4, dtype=torch.float64), 20)
-    assert (m >= 0).all()
-    # rows are normalised last, so they are exact; columns converge (tolerance stated for logits of std 1)
-    assert (m.sum(-1) - 1).abs().max() < 1e-12
-    assert (m.sum(-2) - 1).abs().max() < 1e-3
-
-
-def test_sinkhorn_is_invariant_to_a_constant_shift_and_handles_large_logits():
-    logits = torch.randn(8, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(sinkhorn(logits + 500.0, 20), sinkhorn(logits, 20))
-    huge = sinkhorn(logits * 1000, 20)  # exp underflows to exact zeros in whole columns: no 0/0
-    assert torch.isfinite(huge).all() and (huge >= 0).all() and (huge.sum(-1) <= 1 + 1e-12).all()
-
-
-def test_sinkhorn_gradcheck_float64():
-    logits = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20), (logits,))
-
-
-def test_sinkhorn_custom_backward_equals_unrolled_autograd():
-    torch.manual_seed(1)
-    logits = torch.randn(16, 5, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(16, 5, 5, dtype=torch.float64)
-    (g_custom,) = torch.autograd.grad((sinkhorn(logits, 20) * weight).sum(), logits)
-    (g_unrolled,) = torch.autograd.grad((sinkhorn_unrolled(logits, 20) * weight).sum(), logits)
-    torch.testing.assert_close(g_custom, g_unrolled, rtol=1e-10, atol=1e-12)
-
-
-def test_sinkhorn_rejects_zero_iterations():
-    with pytest.raises(ValueError, match="n_iters"):
-        sinkhorn(torch.zeros(4, 4), 0)
 
 
 def test_identity_like_init_gives_diagonal_095():
@@ -146,84 +107,32 @@ def test_mhc_mixing_matches_equation_by_hand():
 @pytest.mark.parametrize("residual", ["hc", "mhc"])
 def test_coefficients_stay_float32_under_bf16_autocast(residual):
     model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, residual=residual))
-    site = model.residual_sites()[0]
-    site.record = True
+    site = model.residual_sites()[1]  # the FFN's
+    x = torch.randn(2, 8, 4, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(torch.randint(0, 64, (2, 8)))
-    assert all(c.dtype == torch.float32 for c in site.recorded)
+        coefficients = site.coefficients(x)
+        mixed = site(x)
+    assert all(c.dtype == torch.float32 for c in coefficients)
+    assert mixed.dtype == torch.float32  # the streams stay fp32 under autocast
+    torch.testing.assert_close(site.mixing_matrix(x), coefficients[2])
 
 
-def _stream_inputs(n: int = 3, c: int = 5, dtype=torch.float64):
-    torch.manual_seed(4)
-    return (
-        torch.randn(2, 3, n, c, dtype=dtype),  # x
-        torch.randn(2, 3, n, n, dtype=dtype),  # h_res
-        torch.randn(2, 3, n, dtype=dtype),  # h_post (and h_pre)
-        torch.randn(2, 3, c, dtype=dtype),  # y
-    )
-
-
-def test_fused_stream_functions_equal_the_straightforward_formulas():
-    x, h_res, h, y = (t.requires_grad_() for t in _stream_inputs())
-    phi = torch.randn(15, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    fused = (
-        read_streams(x, h, w, 1e-6),
-        mix_streams(x, h_res, h, y),
-        rms_projection(x.flatten(-2), phi, 1e-6),
-    )
-    v = x.flatten(-2)
-    plain = (
-        torch.nn.functional.rms_norm(torch.einsum("...n,...nc->...c", h, x), (5,), w, eps=1e-6),
-        h_res @ x + h.unsqueeze(-1) * y.unsqueeze(-2),
-        torch.nn.functional.rms_norm(v, (15,), eps=1e-6) @ phi,
-    )
-    inputs = (x, h_res, h, y, phi, w)
-    for a, b in zip(fused, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        w = torch.randn_like(a)
-        grads_a = torch.autograd.grad((a * w).sum(), inputs, allow_unused=True)
-        grads_b = torch.autograd.grad((b * w).sum(), inputs, allow_unused=True)
-        for ga, gb in zip(grads_a, grads_b, strict=True):
-            assert (ga is None) == (gb is None)
-            if ga is not None:
-                torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
-
-
-def test_fused_stream_functions_gradcheck_float64():
-    x, h_res, h, y = (t.requires_grad_() for t in _stream_inputs(n=2, c=3))
-    phi = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: read_streams(*a, 1e-6), (x, h, w))
-    assert torch.autograd.gradcheck(mix_streams, (x, h_res, h, y))
-    assert torch.autograd.gradcheck(lambda v, p: rms_projection(v, p, 1e-6), (x.flatten(-2), phi))
-    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # HC's use: per stream, φ = Wᵀ (a view)
-    assert torch.autograd.gradcheck(lambda v, w: rms_projection(v, w.t(), 1e-6), (x, weight))
-
-
-def test_mixing_keeps_the_stream_dtype_and_computes_in_float32():
-    """bf16 streams with fp32 coefficients: the result is bf16, rounded once from an fp32 computation."""
-    x, h_res, h, y = (t.float() for t in _stream_inputs())
-    xb, yb = x.bfloat16(), y.bfloat16()
-    out = mix_streams(xb, h_res, h, yb)
-    assert out.dtype == torch.bfloat16
-    exact = h_res @ xb.float() + h.unsqueeze(-1) * yb.float().unsqueeze(-2)
-    torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=0)  # within one bf16 rounding
-    assert read_streams(xb, h, torch.ones(5), 1e-6).dtype == torch.float32
-
-
-def test_sinkhorn_operator_registration_is_consistent_for_torch_compile():
-    """The fake (shape-only) implementations and the autograd registration match the real kernels."""
-    logits = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    fast = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(residual._sinkhorn_op, (logits, 5), test_utils=fast)
-    torch.library.opcheck(residual._sinkhorn_backward_op, (grad, logits.detach(), 5), test_utils=fast[:2])
-
-
-def test_channel_dot_products_agree_in_the_eager_and_compiled_forms(monkeypatch):
-    a, b = torch.randn(2, 3, 4, 8, dtype=torch.float64), torch.randn(2, 3, 5, 8, dtype=torch.float64)
-    eager = residual._dot_over_channels(a, b)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    torch.testing.assert_close(residual._dot_over_channels(a, b), eager, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(eager, torch.einsum("...ic,...jc->...ij", a, b), rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("kind", sorted(RESIDUALS))
+def test_each_kind_reports_its_parameters_flops_and_coefficients(kind):
+    """What a residual class reports about itself agrees with the modules it builds."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, residual=kind, stream_collapse="learned")
+    model = Transformer(cfg)
+    cls = RESIDUALS[kind]
+    sites = model.residual_sites()
+    assert all(type(s) is cls for s in sites)
+    own = [p for s in sites for p in s.parameters() if all(p is not q for q in s.fn.parameters())]
+    assert cls.num_params(cfg) == sum(p.numel() for p in own) + sum(p.numel() for p in model.collapse.parameters())
+    assert {id(p) for s in sites for p in s.no_decay_parameters()} == {id(p) for p in own}
+    assert (cls.flops_per_token(cfg) == 0) == (kind == "plain")
+    x = cls.expand(torch.randn(2, 5, 32), cfg)
+    h_res = sites[0].mixing_matrix(x)
+    if kind == "plain":
+        assert h_res is None and x.shape == (2, 5, 32)
+    else:
+        assert h_res.shape == (2, 5, 4, 4) and x.shape == (2, 5, 4, 32)
+        assert model.collapse(sites[1](x)).shape == (2, 5, 32)

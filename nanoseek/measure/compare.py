@@ -73,10 +73,10 @@ def check_target(comparison: Comparison, runs: list[Run], out: Path) -> None:
 def layer_gains(folder: Path, data: TokenData) -> dict | None:
     """Per-site and composite gains of the final checkpoint (hc / mhc), on the first validation windows."""
     loaded = load_model(folder)
-    if loaded.model.cfg.residual == "plain":
-        return None
     x, _ = next(val_batches(data.val, loaded.model.cfg.seq_len, 2, 1))
-    gains = residual_gains(loaded.model, x)
+    gains = residual_gains(loaded.model, x)  # None when no site mixes streams (without running the model)
+    if gains is None:
+        return None
     return {"per_layer": [vars(g) for g in gains.per_layer], "composite": vars(gains.composite)}
 
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from nanoseek.schema import check_choice, require
 
-RESIDUAL_KINDS = ("plain", "hc", "mhc")
 FFN_KINDS = ("swiglu", "relu2", "moe")
 MOE_DISPATCHES = ("grouped", "loop")
 MHC_RES_INITS = ("identity", "uniform", "eye")
@@ -67,6 +66,10 @@ class ModelConfig:
     stream_collapse: str = "mean"
     """How the n streams become one before the final norm: mean (default; keeps the plain model's scale), sum (HC's
     convention; equal after the final RMSNorm up to its epsilon), or learned (DeepSeek-V4-style dynamic weights)."""
+    stream_recompute: int = 0
+    """hc / mhc block recompute (the mHC paper's): sites per block, k >= 2 keeps the n-stream state for backward
+    only at the first site of every k and rebuilds it inside the block by replaying the mixes (F is not rerun; its
+    outputs and the coefficients are kept). Less memory, some more time; 0 or 1 keeps the state at every site."""
     n_shared_experts: int = 1
     """moe: experts every token goes through (DeepSeek-V3 has 1). 0 for none."""
     n_routed_experts: int = 16
@@ -93,6 +96,8 @@ class ModelConfig:
     per expert (any dtype; the reference the grouped path is tested against). Same result either way."""
 
     def __post_init__(self) -> None:
+        value = self.stream_recompute
+        require(isinstance(value, int) and value >= 0, "stream_recompute", value, "expected an integer >= 0")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_streams", "sinkhorn_iters"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, name, value, "expected an integer >= 1")
@@ -123,7 +128,9 @@ class ModelConfig:
             f"must divide n_heads={self.n_heads}",
         )
         check_choice("ffn", self.ffn, FFN_KINDS)
-        check_choice("residual", self.residual, RESIDUAL_KINDS)
+        from nanoseek.model.residual import RESIDUALS  # the kinds live with their classes, which import this file
+
+        check_choice("residual", self.residual, tuple(RESIDUALS))
         check_choice("mhc_res_init", self.mhc_res_init, MHC_RES_INITS)
         check_choice("stream_collapse", self.stream_collapse, STREAM_COLLAPSES)
         require(self.norm_eps > 0, "norm_eps", self.norm_eps, "expected a positive number")

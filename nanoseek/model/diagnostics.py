@@ -61,19 +61,19 @@ def mixing_gains(h_res: list[torch.Tensor]) -> ResidualGains:
 @torch.no_grad()
 def residual_gains(model: nn.Module, idx: torch.Tensor) -> ResidualGains | None:
     """Run ``model`` on token ids ``idx`` (B, T) and return the gains of every site's H_res and of their product,
-    or None for a plain-residual model (its mixing map is the identity). Costs one forward pass."""
-    sites = [s for s in model.residual_sites() if hasattr(s, "record")]
+    or None when no site mixes streams (a plain residual: its mixing map is the identity). Costs one forward pass
+    and every site's coefficients once more."""
+    sites = [s for s in model.residual_sites() if s.mixes_streams]
     if not sites:
         return None
+    h_res: list[torch.Tensor] = []
+    hooks = [s.register_forward_pre_hook(lambda site, args: h_res.append(site.mixing_matrix(args[0]))) for s in sites]
     was_training = model.training
     model.eval()
-    for s in sites:
-        s.record = True
     try:
         model(idx)
-        h_res = [s.recorded[2] for s in sites]
     finally:
-        for s in sites:
-            s.record, s.recorded = False, None
+        for hook in hooks:
+            hook.remove()
         model.train(was_training)
     return mixing_gains(h_res)

@@ -21,7 +21,7 @@ from nanoseek.model.attention import CausalSelfAttention, KVCache, attention_mas
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import make_ffn
 from nanoseek.model.moe import MoE
-from nanoseek.model.residual import StreamCollapse, expand_streams, make_residual
+from nanoseek.model.residual import RESIDUALS, Residual, make_residual
 
 
 class Block(nn.Module):
@@ -42,11 +42,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.collapse = (
-            StreamCollapse(cfg.stream_collapse, cfg.n_streams, cfg.d_model, cfg.norm_eps)
-            if cfg.residual != "plain"
-            else None
-        )
+        self.residual_kind = RESIDUALS[cfg.residual]
+        self.collapse = self.residual_kind.collapse(cfg)  # residual state -> (B, T, C); nn.Identity for plain
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
@@ -70,9 +67,15 @@ class Transformer(nn.Module):
                     output = name.removesuffix(".weight").rsplit(".", 1)[-1] in ("proj", "down")
                     nn.init.normal_(p, std=std * (1 / math.sqrt(2 * self.cfg.n_layers) if output else 1.0))
 
-    def residual_sites(self) -> list[nn.Module]:
+    def residual_sites(self) -> list[Residual]:
         """The 2·n_layers residual connections, bottom to top."""
         return [site for block in self.blocks for site in (block.attn, block.ffn)]
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Parameters that are small coefficient tables, not weight matrices: the residual connections' own, the
+        stream collapse's and the MoE routers (the optimizer never decays them)."""
+        sites = [p for site in self.residual_sites() for p in site.no_decay_parameters()]
+        return sites + list(self.collapse.parameters()) + [m.router.weight for m in self.moe_layers()]
 
     def moe_layers(self) -> list[MoE]:
         """The MoE FFNs, bottom to top (empty for a dense model)."""
@@ -149,16 +152,12 @@ class Transformer(nn.Module):
             mask = attention_mask(pad_mask, 0)
         else:
             mask = None
-        x = self.embed(idx)  # (B, T, C)
-        if self.collapse is not None:
-            x = expand_streams(x, self.cfg.n_streams)  # (B, T, n, C)
+        x = self.residual_kind.expand(self.embed(idx), self.cfg)  # (B, T, C), or (B, T, n, C) streams
         for block in self.blocks:
             x = block(x, valid=pad_mask, rope=rope, cache=cache, mask=mask)
         if cache is not None:
             cache.pos += t
-        if self.collapse is not None:
-            x = self.collapse(x)
-        return self.norm(x)
+        return self.norm(self.collapse(x))
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) -> logits (..., vocab)."""
@@ -182,41 +181,33 @@ class Transformer(nn.Module):
         """Parameter count from the config alone (a test checks it against the real tensors). ``active=True``
         counts the parameters one token uses: an MoE layer's idle routed experts are left out."""
         c = self.cfg
-        d, n, hd = c.d_model, c.n_streams, c.head_dim
+        d, hd = c.d_model, c.head_dim
         attn = d * c.n_heads * hd + 2 * d * c.kv_heads * hd + c.n_heads * hd * d + (2 * hd if c.qk_norm else 0)
         attn += (c.n_heads + 2 * c.kv_heads) * hd if c.qkv_bias else 0
-        site = {
-            "plain": d,  # the pre-norm weight
-            "hc": d + n + n * n + n + d * (n + 2) + 2,
-            "mhc": d + n * d * (2 * n + n * n) + 3 + 2 * n + n * n,
-        }[c.residual]
-        collapse = n * d * n + n if c.residual != "plain" and c.stream_collapse == "learned" else 0
         head = 0 if c.tie_embeddings else c.vocab_size * d
-        return c.vocab_size * d + head + c.n_layers * (attn + 2 * site) + self._ffn_params(active) + collapse + d
+        residual = self.residual_kind.num_params(c)  # norms and coefficients of every site, the stream collapse
+        return c.vocab_size * d + head + c.n_layers * attn + self._ffn_params(active) + residual + d
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight, plus attention and stream mixing.
 
-        * matmul weights: attention and FFN projections, the LM head, mHC's φ, HC's dynamic map (applied to each of
-          the n streams), the learned collapse; the embedding lookup is not a matmul. MoE layers count the router
-          and the *active* experts only (shared + top_k routed), not the idle ones; routing, sorting and gate
-          weighting are not matmuls and are left out;
+        * matmul weights: attention and FFN projections, the LM head; the embedding lookup is not a matmul. MoE
+          layers count the router and the *active* experts only (shared + top_k routed), not the idle ones;
+          routing, sorting and gate weighting are not matmuls and are left out;
         * attention: scores and weighted values over the full T×T square, 2·2·T·C forward per token and layer
           (the usual convention, as in Kaplan et al.; a causal kernel could skip half);
-        * stream mixing (hc, mhc): per site, read 2nC + mix 2n²C + write 2nC forward.
+        * the residual connections, as their kind reports them (residual.py): for hc and mhc their coefficient
+          maps (mHC's φ, HC's W applied to each of the n streams), the learned collapse and the stream mixing.
         Backward costs twice the forward, hence the factor 3 on every forward count. To cross-check an MoE model
         with FlopCounterMode use moe_dispatch="loop": the counter sees its per-expert matmuls but counts
         torch.nn.functional.grouped_mm as 0 FLOPs (torch 2.13)."""
         c = self.cfg
         t = seq_len or c.seq_len
-        d, n = c.d_model, c.n_streams
+        d = c.d_model
         attn = d * c.n_heads * c.head_dim + 2 * d * c.kv_heads * c.head_dim + c.n_heads * c.head_dim * d
-        site = {"plain": 0, "hc": n * d * (n + 2), "mhc": n * d * (2 * n + n * n)}[c.residual]
-        collapse = n * d * n if c.residual != "plain" and c.stream_collapse == "learned" else 0
-        matmul = c.n_layers * (attn + 2 * site) + self._ffn_params(active=True) + c.vocab_size * d + collapse
+        matmul = c.n_layers * attn + self._ffn_params(active=True) + c.vocab_size * d
         attention = c.n_layers * 2 * 2 * t * c.n_heads * c.head_dim
-        mixing = 0 if c.residual == "plain" else 2 * c.n_layers * 2 * d * (n * n + 2 * n)
-        return 3 * (2 * matmul + attention + mixing)
+        return 3 * (2 * matmul + attention) + self.residual_kind.flops_per_token(c)
 
 
 def _right_padded(pad_mask: torch.Tensor) -> bool:

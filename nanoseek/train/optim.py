@@ -17,20 +17,20 @@ import math
 import torch
 from torch import nn
 
+from nanoseek.model.transformer import Transformer
 from nanoseek.train.config import TrainConfig
 
-# Parameters of the residual connections and routers that are small coefficient tables, not weight matrices.
-_NO_DECAY_NAMES = ("b_res", "static_mix", "phi", "dynamic", "alpha", "scale_", "collapse", "router")
 
-
-def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+def param_groups(model: Transformer) -> dict[str, list[nn.Parameter]]:
     """Split parameters into 'matrices' (2-D block weights: decayed, Muon's when optimizer=muon), 'experts' (stacked
-    MoE expert weights: decayed, AdamW), 'embeddings' and 'other' (never decayed)."""
+    MoE expert weights: decayed, AdamW), 'embeddings' and 'other' (never decayed, including the coefficient tables
+    the model names in ``no_decay_parameters``: residual connections, stream collapse, MoE routers)."""
+    coefficients = {id(p) for p in model.no_decay_parameters()}
     groups: dict[str, list[nn.Parameter]] = {"matrices": [], "experts": [], "embeddings": [], "other": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        block_weight = name.startswith("blocks.") and not any(k in name for k in _NO_DECAY_NAMES)
+        block_weight = name.startswith("blocks.") and id(p) not in coefficients
         if block_weight and p.ndim == 2:
             groups["matrices"].append(p)
         elif block_weight and p.ndim == 3:
@@ -42,7 +42,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: Transformer, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     groups = param_groups(model)
     embed_decay = cfg.weight_decay if cfg.decay_embeddings else 0.0
     adam_groups = [
