@@ -6,11 +6,7 @@ PY := $(VENV)/bin/python
 # brings their own torch and it is kept.
 TORCH_PIN := torch==2.13.0
 
-<<<<<<< HEAD
-.PHONY: venv test test-fast lint format bench demo train-demo reason-demo r1-demo clean
-=======
-.PHONY: venv test lint format bench demo train-demo reason-demo chat-demo clean
->>>>>>> serve
+.PHONY: venv test test-fast lint format bench demo train-demo reason-demo r1-demo chat-demo clean
 
 DEMO_OUT := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
