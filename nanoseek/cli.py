@@ -103,7 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = checkpoint_config(out, args.set)
     else:
         cfg = load_run_config(_config_files(args), _data_override(args) + args.set)
-    summary = pretrain(cfg, out, resume=bool(args.resume), progress=not args.no_progress, **_observers(cfg))
+    summary = pretrain(
+        cfg, out, resume=bool(args.resume), progress=not args.no_progress, allow_changed_inputs=args.allow_data_change,
+        **_observers(cfg),
+    )  # fmt: skip
     return _report(summary)
 
 
@@ -384,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"nanoseek {nanoseek.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -403,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         metavar="DIR",
         help="continue exactly from the newest checkpoint of --out (or of DIR)",
+    )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue although the corpus's SHA-256 differs from the checkpoint's (refused otherwise)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
@@ -642,21 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from nanoseek.train.checkpoint import CheckpointError
-    from nanoseek.train.engine import TrainingError
+    from nanoseek.errors import run_command
 
-    try:
-        return args.func(args)
-    except (ValueError, CheckpointError) as err:
-        print(f"nanoseek {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"nanoseek {args.command}: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:  # Ctrl-C outside a step loop, or a second one inside it
-        print(f"nanoseek {args.command}: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
-        return 130
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.func(args), f"nanoseek {args.command}", debug)
 
 
 if __name__ == "__main__":

@@ -127,13 +127,12 @@ def checkpoint_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """The run config saved in a checkpoint (or a run folder's newest), with ``--set`` overrides applied; for a
     Hugging Face model (``hf:DIR``) its [model] and [data] with defaults for the rest."""
     from nanoseek.interop.hf_import import hf_folder, run_config_tables
-    from nanoseek.train.checkpoint import resolve_checkpoint, verify_checkpoint
+    from nanoseek.train.checkpoint import find_checkpoint
 
     hf = hf_folder(path)
     if hf is not None:
         return load_run_config([], overrides, base=run_config_tables(hf))
-    folder = resolve_checkpoint(path)
-    verify_checkpoint(folder)
+    folder = find_checkpoint(path, log=lambda message: None)  # load_checkpoint warns when it falls back
     return load_run_config([], overrides, base=read_toml(folder / "config.toml", "checkpoint config"))
 
 

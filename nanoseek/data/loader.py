@@ -71,14 +71,25 @@ def _tokenizer(cfg: DataConfig, train_docs: list[bytes], folder: Path) -> ByteTo
     return tokenizer
 
 
-def load_token_data(cfg: DataConfig, seq_len: int, corpus: Corpus | None = None) -> TokenData:
-    """Load the corpus, make (or reuse) the tokenizer, and return the train and val token arrays."""
+def _tokenizer_hash(tokenizer) -> str:
+    """SHA-256 of a tokenizer's saved form."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return hashlib.sha256(Path(tmp, "tokenizer.json").read_bytes()).hexdigest()
+
+
+def load_token_data(cfg: DataConfig, seq_len: int, corpus: Corpus | None = None, tokenizer=None) -> TokenData:
+    """Load the corpus, make (or reuse) the tokenizer, and return the train and val token arrays. ``tokenizer``:
+    use this one (a resumed run's, from its checkpoint) instead of the configured or a freshly trained one."""
     corpus = corpus or load_corpus(cfg.source)
     train_docs, val_docs = corpus.split(cfg.val_fraction)
-    key = f"{corpus.sha256}|{cfg.tokenizer}|{cfg.bpe_vocab_size}|{cfg.val_fraction}"
+    kind = cfg.tokenizer if tokenizer is None else f"given:{_tokenizer_hash(tokenizer)}"
+    key = f"{corpus.sha256}|{kind}|{cfg.bpe_vocab_size}|{cfg.val_fraction}"
     folder = cache_dir() / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
     folder.mkdir(exist_ok=True)
-    tokenizer = _tokenizer(cfg, train_docs, folder)
+    tokenizer = tokenizer or _tokenizer(cfg, train_docs, folder)
     train = _cached(folder / "train.npy", lambda: _encode(train_docs, tokenizer))
     val = _cached(folder / "val.npy", lambda: _encode(val_docs, tokenizer))
     for split, tokens in (("train", train), ("val", val)):

@@ -105,7 +105,7 @@ class Task:
     def problems(self, split: str, n: int, seed: int = 0, allow_fewer: bool = False) -> list[Problem]:
         """``n`` distinct problems of ``split`` (the evaluation set); when the task has fewer, a clear error — or,
         with ``allow_fewer``, all it has."""
-        require(isinstance(n, int) and n >= 1, "n", n, "expected an integer >= 1")
+        require(isinstance(n, int) and 1 <= n <= MAX_PROBLEMS, "n", n, f"expected an integer in 1..{MAX_PROBLEMS}")
         seen: dict[str, Problem] = {}
         for index in range(20 * n + 1000):
             p = self.problem(split, seed, index)
@@ -116,6 +116,10 @@ class Task:
             return list(seen.values())
         raise ValueError(f"n={n} is invalid: task {self.name!r} has only about {len(seen)} distinct {split} problems")
 
+
+MAX_PROBLEMS = 1_000_000
+"""Most problems drawn at once (an evaluation, a training pool): far beyond any evaluation that finishes in a day
+here, and small enough to hold in memory."""
 
 TASKS: dict[str, type[Task]] = {}
 

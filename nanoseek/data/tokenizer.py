@@ -174,6 +174,9 @@ def load_tokenizer(folder: str | Path) -> ByteTokenizer | BPETokenizer | HFToken
         return ByteTokenizer()
     from tokenizers import Tokenizer
 
-    if raw.get("kind") == "hf":
-        return HFTokenizer(Tokenizer.from_str(json.dumps(raw["tokenizer"])), raw["config"])
-    return BPETokenizer(Tokenizer.from_file(str(path)))
+    try:
+        if raw.get("kind") == "hf":
+            return HFTokenizer(Tokenizer.from_str(json.dumps(raw["tokenizer"])), dict(raw["config"]))
+        return BPETokenizer(Tokenizer.from_file(str(path)))
+    except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path} is not a tokenizer nanoseek can read: {str(err)[:200]}") from None

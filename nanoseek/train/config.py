@@ -13,6 +13,11 @@ DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 ON_NAN = ("stop", "skip")
 PARALLEL = ("ddp", "fsdp")
+MAX_STEPS = 10**9
+"""Most steps of a stage (a billion; the schedule and counters are exact far beyond it)."""
+MAX_COUNT = 2**20
+"""Most examples per micro-batch, micro-batches per update, evaluation batches or checkpoints kept: larger values
+are typos (memory is checked separately, before anything is allocated: nanoseek.train.bounds)."""
 
 
 @dataclass
@@ -86,7 +91,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "keep_last"):
-            require_int(name, getattr(self, name), 1)
+            require_int(name, getattr(self, name), 1, MAX_STEPS if name in ("steps", "eval_every") else MAX_COUNT)
         for name in ("warmup_steps", "diag_every", "ckpt_every", "threads", "seed"):
             require_int(name, getattr(self, name), 0)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)

@@ -13,6 +13,7 @@ from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.model import Transformer
 from nanoseek.model.config import ModelConfig
 from nanoseek.schema import build_section
+from nanoseek.train.bounds import check_model_memory
 from nanoseek.train.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -44,16 +45,31 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", train: b
     checkpoint = load_checkpoint(path)
     where = str(checkpoint.folder / "config.toml")
     cfg = build_section(ModelConfig, checkpoint.config.get("model", {}), "model", where)
+    check_model_memory(cfg, where)
     model = Transformer(cfg)
-    try:
-        model.load_state_dict(checkpoint.weights)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines() or ["mismatch"]
-        weights = checkpoint.folder / "model.safetensors"
-        raise CheckpointError(f"{weights} does not fit its config.toml: {lines[-1].strip()}") from None
+    check_weights(model, checkpoint.weights, checkpoint.folder / "model.safetensors")
+    model.load_state_dict(checkpoint.weights)
     model.to(device).train(train)
     state = checkpoint.state
     return LoadedModel(
         model, load_tokenizer(checkpoint.folder), checkpoint.config, checkpoint.folder, int(state.get("step", 0)),
         str(state.get("stage", "pretrain")),
     )  # fmt: skip
+
+
+def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """The saved tensors are exactly the model's: the same names, shapes and dtypes (a missing, extra or reshaped
+    tensor is a CheckpointError naming the file and the first difference, never a partly loaded model)."""
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown tensor {extra[0]}"
+        more = len(missing) + len(extra) - 1
+        raise CheckpointError(f"{where} does not fit its config.toml: it {what}" + (f" (+{more} more)" if more else ""))
+    for name, tensor in expected.items():
+        got = weights[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise CheckpointError(
+                f"{where} does not fit its config.toml: {name} is {tuple(got.shape)} {got.dtype}, the model expects "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )

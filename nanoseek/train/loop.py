@@ -124,12 +124,13 @@ def run_stage(
     log: Callable[[str], None] = log_stderr,
     callback: Callable[[dict], None] | None = None,
     until: int | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` to train.steps (or ``until``, for tests that simulate an interruption), continuing from
     ``checkpoint`` when given. ``config`` is the full run config (saved in every checkpoint and in run.json),
     ``info`` more facts for run.json (data, provenance, the meter's description), ``meter`` an energy meter with
     ``read() -> joules``, ``callback(record)`` is called after every step. Returns the summary (also written to
-    summary.json)."""
+    summary.json); ``inputs``, hashes of what the run reads, go into every checkpoint for the resume check."""
     t, d = engine.cfg, engine.dist
     state: dict[str, Any] = {}
     if checkpoint is not None:
@@ -186,6 +187,7 @@ def run_stage(
                 "optimizers": optimizer_state,
                 "stage_state": stage.state_dict(),
                 "rng": torch.get_rng_state(),
+                "inputs": inputs or {},
             },
             t.keep_last,
         )

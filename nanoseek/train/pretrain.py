@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from nanoseek.data.loader import TokenData, load_token_data, train_batch, val_batches
+from nanoseek.data.tokenizer import load_tokenizer
 from nanoseek.model.diagnostics import residual_gains
+from nanoseek.train.checkpoint import find_checkpoint
 from nanoseek.train.engine import Engine
 from nanoseek.train.loop import log_stderr
 from nanoseek.train.runner import run
@@ -29,6 +31,12 @@ class Pretraining:
         self.engine, self.data, self.seq_len = engine, data, seq_len
         t, d = engine.cfg, engine.dist
         self.tokens_per_step = t.batch_size * t.grad_accum * d.world * seq_len
+        windows, room = t.eval_batches * t.batch_size * d.world, len(data.val) - seq_len
+        if windows > room:
+            raise ValueError(
+                f"train.eval_batches={t.eval_batches} × train.batch_size={t.batch_size} asks for {windows} validation "
+                f"windows, but the validation split has only {room} distinct ones; lower train.eval_batches"
+            )
         self.flops_per_token = engine.model.flops_per_token()
 
     def step(self, step: int) -> dict[str, Any]:
@@ -93,15 +101,22 @@ def pretrain(
     log=log_stderr,
     callback=None,
     until: int | None = None,
+    allow_changed_inputs: bool = False,
 ) -> dict[str, Any]:
     """Pretrain (or, with ``resume``, continue the newest checkpoint of) the run in folder ``out``. ``cfg`` is a
     run config with [model], [data] and [train] (``nanoseek.config.RunConfig``; on resume, the checkpoint's).
-    ``data`` saves re-reading the corpus; ``info``, ``meter``, ``callback``, ``until``: see ``run_stage``."""
-    data = data or load_token_data(cfg.data, cfg.model.seq_len)
+    ``data`` saves re-reading the corpus; ``info``, ``meter``, ``callback``, ``until``: see ``run_stage``. A resume
+    reads the corpus with the checkpoint's tokenizer and refuses a corpus whose SHA-256 changed, unless
+    ``allow_changed_inputs``."""
+    tokenizer = None
+    if resume and data is None:  # the checkpoint's tokenizer: a BPE retrained on edited data would renumber tokens
+        tokenizer = load_tokenizer(find_checkpoint(out, log=lambda message: None))
+    data = data or load_token_data(cfg.data, cfg.model.seq_len, tokenizer=tokenizer)
     if cfg.model.vocab_size != data.tokenizer.vocab_size:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
     return run(
         cfg, out, lambda engine, tokenizer: Pretraining(engine, data, cfg.model.seq_len), resume=resume,
         tokenizer=data.tokenizer, info={"data": data.metadata, **(info or {})}, meter=meter, progress=progress,
-        log=log, callback=callback, until=until,
+        log=log, callback=callback, until=until, inputs={"corpus": data.metadata["corpus_sha256"]},
+        allow_changed_inputs=allow_changed_inputs,
     )  # fmt: skip

@@ -22,7 +22,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import (
+    PREFIX,
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    repair_run_folder,
+    save_checkpoint,
+)
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
@@ -103,6 +110,10 @@ class RunFolder:
                 f"{self.path} is in use by {holder}; wait for it to finish (or stop it), or choose another --out"
             ) from None
         f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            self.log(f"{self.path}: taking over the lock left by {previous}, which is no longer running")
+        f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
@@ -115,7 +126,10 @@ class RunFolder:
             self.path.rmdir()
 
     def unlock(self) -> None:
+        """Release the lock; the holder's name is erased, so only a killed holder's name is ever found by the next."""
         if self._lock_file is not None:
+            if (self.path / "run.lock").exists():
+                self._lock_file.truncate(0)
             self._lock_file.close()
             self._lock_file = None
 
@@ -126,7 +140,11 @@ class RunFolder:
         return list_checkpoints(self.path)
 
     def begin(self, resume: bool) -> Checkpoint | None:
-        """Check that a new run has an empty folder and a resumed one a checkpoint; return that checkpoint."""
+        """Check that a new run has an empty folder and a resumed one a checkpoint; return that checkpoint. Leftovers
+        of a killed writer are repaired first; on resume, newer checkpoints that fail verification are set aside
+        (renamed corrupt-ckpt-N, kept for inspection, never pruned in place of a good one) with a warning."""
+        if self.main:
+            repair_run_folder(self.path, self.log)
         if not resume:
             if self.checkpoints():
                 raise ValueError(
@@ -135,7 +153,13 @@ class RunFolder:
             return None
         if not self.checkpoints():
             raise ValueError(f"--resume: {self.path} holds no checkpoint to continue from")
-        return load_checkpoint(self.path)
+        skipped: list[Path] = []
+        checkpoint = load_checkpoint(self.path, self.log, skipped)
+        for bad in skipped if self.main else ():
+            aside = bad.with_name(f"corrupt-{PREFIX}{bad.name.rsplit(PREFIX, 1)[1].split('-')[0]}")
+            os.replace(bad, aside)
+            self.log(f"warning: moved the unusable {bad.name} aside to {aside.name}")
+        return checkpoint
 
     def save(self, step: int, weights: dict, config: dict, tokenizer, state: dict, keep_last: int) -> Path | None:
         if not self.main:

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from nanoseek.model.generate import generate
+from nanoseek.schema import require_int
+from nanoseek.train.bounds import check_generation_memory
 from nanoseek.train.load import load_model
 
 
@@ -33,6 +35,8 @@ def sample_text(
             f"--max-new-tokens={max_new_tokens} does not fit: the prompt takes {len(ids)} of the model's "
             f"seq_len={model.cfg.seq_len} tokens, so at most {room} new tokens are possible"
         )
+    require_int("--num-samples", num_samples, 1)
+    check_generation_memory(model.cfg, num_samples, len(ids) + max_new_tokens, "--num-samples")
     generator = torch.Generator().manual_seed(seed)
     out = generate(
         model,
