@@ -19,7 +19,11 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.memory import available_memory, gib
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".json", ".csv", ".toml", ".yaml", ".yml"}
+TEXT_MEMORY_FACTOR = 8
+"""Memory per byte of text while a corpus is read and tokenized (the bytes, the decoded text, the token arrays)."""
 _SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
 
 
@@ -139,6 +143,13 @@ def text_files(path: str | Path) -> Corpus:
             raise ValueError(f"data.source={str(path)!r}: no text files ({', '.join(sorted(TEXT_SUFFIXES))}) in it")
     else:
         raise ValueError(f"data.source={str(path)!r} is neither 'python-docs' nor an existing file or folder")
+    size = sum(p.stat().st_size for p in files)
+    if TEXT_MEMORY_FACTOR * size > available_memory():
+        raise ValueError(
+            f"data.source={str(path)!r} holds {gib(size)} of text; reading and tokenizing it takes about "
+            f"{gib(TEXT_MEMORY_FACTOR * size)} of memory (estimated), more than the {gib(available_memory())} "
+            "available; train on a part of it"
+        )
     documents = [(p.relative_to(path).as_posix() if p != path else p.name, p.read_bytes()) for p in files]
     documents = [(n, d) for n, d in documents if d]
     if not documents:

@@ -8,7 +8,24 @@ folder, so a checkpoint carries the tokenizer it was trained with.
 from __future__ import annotations
 
 import json
+import re
+import threading
 from pathlib import Path
+
+LONGEST_RUN = 64
+"""Longest run of non-space (or of space) characters BPE training sees in one piece."""
+_LONG_RUN = re.compile(rf"\S{{{LONGEST_RUN + 1},}}|\s{{{LONGEST_RUN + 1},}}")
+
+
+def bounded_runs(text: str):
+    """``text`` in pieces that end inside runs longer than LONGEST_RUN, every LONGEST_RUN characters (elsewhere
+    untouched, so ordinary words and their leading spaces train as before)."""
+    start = 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + LONGEST_RUN, run.end(), LONGEST_RUN):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
 
 
 class ByteTokenizer:
@@ -39,6 +56,9 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
+        """Learn the merges. A run of one kind of character longer than LONGEST_RUN (a million 'a's, a wall of
+        spaces) is cut into pieces first: BPE training is quadratic in the length of a pre-token. The training
+        runs in a worker thread (the library releases the GIL) so that Ctrl-C stops it at once."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -49,7 +69,21 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(texts, trainer=trainer)
+        pieces = [piece for text in texts for piece in bounded_runs(text)]
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                tok.train_from_iterator(pieces, trainer=trainer)
+            except BaseException as err:  # handed to the main thread
+                failure.append(err)
+
+        worker = threading.Thread(target=work, name="bpe-training", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)  # a KeyboardInterrupt lands here; the daemon thread dies with the process
+        if failure:
+            raise failure[0]
         return cls(tok)
 
     @property

@@ -31,7 +31,7 @@ from nanoseek.model.diagnostics import residual_gains
 from nanoseek.train.checkpoint import list_checkpoints
 from nanoseek.train.load import load_model
 from nanoseek.train.pretrain import pretrain
-from nanoseek.train.runfolder import read_json, write_atomic
+from nanoseek.train.runfolder import RunFolder, read_json, write_atomic
 
 
 def run_folder(out: Path, run: Run) -> Path:
@@ -104,6 +104,15 @@ def run_comparison(
     """Train what the cache lacks (unless ``report_only``), then write the report; returns report.json's content,
     or None when training was interrupted (Ctrl-C: the current run is checkpointed; run again to continue)."""
     out = Path(out)
+    folder = RunFolder(out, log=log)
+    folder.lock()  # one comparison per --out: a second one would train the same runs and interleave their records
+    try:
+        return _run_comparison(comparison, out, report_only, progress, log)
+    finally:
+        folder.unlock()
+
+
+def _run_comparison(comparison: Comparison, out: Path, report_only: bool, progress: bool, log) -> dict | None:
     first = comparison.arm_config(comparison.baseline, comparison.seeds[0])
     data = load_token_data(first.data, first.model.seq_len)
     runs = comparison.runs(data.tokenizer.vocab_size)

@@ -24,6 +24,10 @@ def sample_text(
 ) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (the prompt included). Temperature 0 is greedy. The prompt and
     the new tokens must fit the model's context (``seq_len``); longer requests are an error naming the limit."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes that are not UTF-8 reach Python's argv as lone surrogates
+        raise ValueError(f"--prompt is not valid UTF-8 text (at character {err.start}); pass UTF-8") from None
     loaded = load_model(ckpt)
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer.encode(prompt) or tokenizer.encode("\n")  # an empty prompt starts at a line break
