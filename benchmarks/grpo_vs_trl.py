@@ -25,6 +25,7 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
+from common import add_json_argument, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.tasks import make_task
@@ -188,7 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    add_json_argument(parser)
     args = parser.parse_args()
+    load = load_average()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     ours, generation, train_flops = run_nanoseek(args.steps)
     theirs, version = run_trl(args.steps)
@@ -202,6 +205,11 @@ def main() -> None:
         f"compute floor of the update alone: {train_flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s "
         f"(this machine's matmul rate now) = {train_flops / rate:.3f} s, {train_flops / rate / b:.2f} of TRL's step"
     )
+    rows = [
+        row("nanoseek / TRL seconds per step", a / b, "×"),
+        row("nanoseek step / compute floor of its update", a / (train_flops / rate), "×"),
+    ]
+    write_json(args.json, "grpo_vs_trl", rows, load, torch.get_num_threads())
 
 
 if __name__ == "__main__":
