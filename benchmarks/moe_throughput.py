@@ -59,8 +59,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", default="dense,moe-grouped,moe-loop", help="comma-separated subset of the arms")
     p.add_argument("--skip-speed", action="store_true", help="only the quality runs")
     p.add_argument("--skip-quality", action="store_true", help="only the throughput measurement")
-    p.add_argument("--plain-adamw", action="store_true",
-                   help="also time each arm with AdamW's per-parameter loop instead of the engine's fused AdamW")  # fmt: skip
+    p.add_argument(
+        "--plain-adamw",
+        action="store_true",
+        help="also time each arm with AdamW's per-parameter loop instead of the engine's fused AdamW",
+    )
     add_json_argument(p)
     return p.parse_args()
 
