@@ -39,8 +39,10 @@ train-demo: venv
 	$(PY) -m nanoseek train --preset demo --out $(DEMO_OUT)
 	$(PY) -m nanoseek sample --ckpt $(DEMO_OUT) --prompt "The with statement" --num-samples 2 --max-new-tokens 100
 
+# Every benchmark at its default size (about 20 minutes on 2 idle cores), waiting for a quiet machine, then the table
+# in docs/BENCHMARKS.md. The optional peers (TRL, transformers) come with: .venv/bin/pip install -e ".[bench]" torch==2.13.0
 bench: venv
-	$(PY) benchmarks/residual_overhead.py
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -23,6 +23,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from common import add_json_argument, load_average, row, write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "2915186"  # main before the serving work: the generator this benchmark was written to speed up
 
@@ -58,7 +60,9 @@ def main() -> None:
     ap.add_argument("--baseline", default=BASELINE, help="git commit of the baseline generator")
     ap.add_argument("--repeats", type=int, default=3, help="alternating child runs per side")
     ap.add_argument("--runs", type=int, default=5, help="generations of 110 tokens per child run and mode")
+    add_json_argument(ap)
     args = ap.parse_args()
+    load_before, rows = load_average(), []
     with tempfile.TemporaryDirectory() as tmp:
         command = ["git", "archive", args.baseline, "nanoseek"]
         archive = subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
@@ -82,6 +86,9 @@ def main() -> None:
             f"| {mode} | {b['wall']:.0f} / {b['cpu']:.0f} | {c['wall']:.0f} / {c['cpu']:.0f} | "
             f"{c['wall'] / b['wall']:.2f}× / {c['cpu'] / b['cpu']:.2f}× |"
         )
+        rows.append(row(f"batch-1 {mode} decode, demo shape, 1 thread", c["wall"], "tokens/s", ">= 500"))
+        rows.append(row(f"batch-1 {mode} decode / baseline {args.baseline}", c["wall"] / b["wall"], "×"))
+    write_json(args.json, "decode_speed", rows, load_before, 1)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,31 @@
-"""Seconds per GRPO step: nanoseek's GRPO stage vs TRL's GRPOTrainer, same model shape, prompts and settings.
+"""GRPO on nanoseek vs TRL's GRPOTrainer: seconds per step and wall time to reach the same training reward.
 
-Setup (DESIGN.md §5 peer numbers): a random Llama-shaped model — width 256, FFN 688, 4 layers, 4 heads, tied
-embeddings, a 49-token character vocabulary (≈ 3.2M parameters) — 4 prompts × 8 completions per step, at most
-32 new tokens, loss "dapo", β = 0 (no reference model), one update per batch, temperature 1, plain fp32 on CPU.
-Prompts are arithmetic problems in the compact R1-Zero template, rewards are accuracy + 0.1 × format. Both stop a
-completion at the end-of-text token only. The TRL model is saved to a local folder first and the hub is switched
-off (HF_HUB_OFFLINE=1), so nothing is downloaded.
+Setup (DESIGN.md §5 peer numbers): a Llama-shaped model — width 256, FFN 688, 4 layers, 4 heads, tied embeddings, a
+49-token character vocabulary (≈ 3.2M parameters) — 4 prompts × 8 completions per step, at most 32 new tokens, loss
+"dapo", β = 0 (no reference model), one update per batch, temperature 1, constant learning rate, AdamW (β2 0.95, no
+weight decay, gradient clipping at 1), fp32 on CPU. Prompts are 2-digit additions and subtractions in the compact
+R1-Zero template; rewards are accuracy + 0.1 × format. Both stop a completion at the end-of-text token only.
 
-Reported: median seconds per step after warm-up steps, for each, and the ratio nanoseek / TRL (goal ≤ 0.2).
+Both trainers start from the *same weights*: a short cold start (supervised steps on prompt + answer block +
+end-of-text, through nanoseek's engine, seed 0) so that rewards differ within groups from the first step — a random
+model scores 0 everywhere and neither trainer would learn. The weights go to TRL as a ``LlamaForCausalLM`` through
+``nanoseek.interop.hf_weights.to_hf`` (the largest logit difference is printed). TRL reads its model from a local
+folder and the hub is switched off (HF_HUB_OFFLINE=1), so nothing is downloaded. TRL's own best matching options:
+the same batch, generations, loss and optimiser settings; bf16 where the CPU has bf16 instructions (this script
+says whether it used it). The problem streams differ (TRL shuffles its dataset with its seed; nanoseek draws from
+the task's generator) but come from the same distribution.
+
+Reported, for each trainer: median seconds per step after --warmup steps; the wall time (sum of step times) until
+the mean training reward over --window consecutive steps first reaches --target (or "not reached" within --steps);
+the fraction of groups whose rewards were all equal (zero variance: with β = 0 they carry no gradient; nanoseek
+skips them, TRL computes them); and for nanoseek the step's compute floor: its FLOPs (generation + update, analytic)
+at this machine's matmul rate measured in the same run, and the ratio of the median step to it (goal ≤ 1.5).
+Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
+
 Needs the ``bench`` extra, installed with torch pinned so pip keeps the CPU build:
     .venv/bin/pip install -e ".[bench]" torch==2.13.0
 
-    python benchmarks/grpo_vs_trl.py [--steps 12] [--warmup 3]
+    python benchmarks/grpo_vs_trl.py [--steps 40] [--target 0.6] [--no-share-prompt]
 """
 
 from __future__ import annotations
@@ -21,14 +35,18 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
+from common import add_json_argument, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.data.examples import TaskExamples
 from nanoseek.data.tasks import make_task
 from nanoseek.data.templates import render_prompt
+from nanoseek.interop.hf_weights import to_hf
 from nanoseek.rl.grpo import GRPO, GRPOConfig
 from nanoseek.rl.rewards import accuracy_reward, format_reward
 from nanoseek.train.config import TrainConfig
@@ -37,7 +55,8 @@ from nanoseek.train.engine import Engine
 CHARS = "0123456789+-*/=()<>\n abcdefghijklmnopqrstuvwxyz"  # 47 characters, then <pad> and <eos>: 49 tokens
 PAD, EOS = len(CHARS), len(CHARS) + 1
 WIDTH, FFN, LAYERS, HEADS, SEQ = 256, 688, 4, 4, 128
-PROMPTS, GROUP, NEW_TOKENS, LR = 4, 8, 32, 1e-5
+PROMPTS, GROUP, NEW_TOKENS, DIGITS = 4, 8, 32, 1
+BF16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
 
 
 class CharTokenizer:
@@ -52,13 +71,35 @@ class CharTokenizer:
         return "".join(CHARS[i] if i < len(CHARS) else "" for i in ids)
 
 
-def problems(n: int):
-    task = make_task("arithmetic", digits=2, operators="+-")
-    return task, [task.problem("train", 0, i) for i in range(n)]
+def task():
+    t = make_task("arithmetic", digits=DIGITS, operators="+-")
+    t.template, t.max_new_tokens, t.stop = "compact", NEW_TOKENS, ()
+    return t
 
 
-def median_step(times: list[float], warmup: int) -> float:
-    return statistics.median(times[warmup:])
+def model_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=EOS + 1, d_model=WIDTH, n_layers=LAYERS, n_heads=HEADS, ffn_hidden=FFN, seq_len=SEQ, norm_eps=1e-6
+    )
+
+
+def train_config(lr: float, **extra) -> TrainConfig:
+    return TrainConfig(lr=lr, weight_decay=0.0, warmup_steps=0, schedule="constant", **extra)
+
+
+def cold_start(steps: int) -> dict[str, torch.Tensor]:
+    """Supervised steps on prompt + answer block + end-of-text (32 sequences a step, loss on every token), seed 0."""
+    torch.manual_seed(0)
+    engine = Engine(Transformer(model_config()), train_config(1e-3, batch_size=32), log=lambda message: None)
+    tok, examples = CharTokenizer(), TaskExamples(task(), seed=7, targets="answers")
+    for step in range(steps):
+        rows = [tok.encode(p + t) + [EOS] for p, t in examples.train(step * 32, 32)]
+        ids = torch.full((len(rows), max(map(len, rows))), PAD)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        targets = ids[:, 1:].masked_fill(ids[:, 1:] == PAD, -1)  # -1: ignored by the loss
+        engine.update([lambda ids=ids, targets=targets: engine.forward(ids[:, :-1], targets)[1]])
+    return {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
 
 
 def matmul_flops_per_second() -> float:
@@ -72,33 +113,39 @@ def matmul_flops_per_second() -> float:
     return 2 * a.shape[0] * WIDTH * FFN / statistics.median(times)
 
 
-def run_nanoseek(steps: int) -> tuple[list[float], list[float], float]:
-    """Seconds per step, the seconds of each spent sampling and scoring, and the mean training FLOPs of a step
-    (forward + backward over every prompt and completion token, Transformer.flops_per_token)."""
+def time_to_reward(times: list[float], rewards: list[float], target: float, window: int) -> float | None:
+    """Wall time (sum of step times) at the end of the first window of steps whose mean reward reaches target."""
+    for end in range(window, len(rewards) + 1):
+        if statistics.mean(rewards[end - window : end]) >= target:
+            return sum(times[:end])
+    return None
+
+
+def run_nanoseek(state: dict, a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=EOS + 1, d_model=WIDTH, n_layers=LAYERS, n_heads=HEADS, ffn_hidden=FFN, seq_len=SEQ, norm_eps=1e-6
-    )
-    train = TrainConfig(lr=LR, weight_decay=0.0, warmup_steps=0, schedule="constant", batch_size=PROMPTS)
-    engine = Engine(Transformer(cfg), train, log=lambda message: None)
-    model = engine.model
-    task, _ = problems(1)
-    task.template, task.max_new_tokens, task.stop = "compact", NEW_TOKENS, ()
-    rewards = {"accuracy": (accuracy_reward(task), 1.0), "format": (format_reward, 0.1)}
-    trainer = GRPO(engine, CharTokenizer(), task, GRPOConfig(group_size=GROUP, loss_type="dapo", beta=0.0), rewards)
-    prompt_len = statistics.mean(len(render_prompt("compact", p.question)) for p in problems(PROMPTS * steps)[1])
-    times, generation, tokens = [], [], []
-    for _ in range(steps):
+    model = Transformer(model_config())
+    model.load_state_dict(state)
+    engine = Engine(model, train_config(a.lr, batch_size=PROMPTS, dtype="bfloat16" if a.bf16 else "float32"),
+                    log=lambda message: None)  # fmt: skip
+    t = task()
+    rewards = {"accuracy": (accuracy_reward(t), 1.0), "format": (format_reward, 0.1)}
+    cfg = GRPOConfig(group_size=GROUP, loss_type="dapo", beta=0.0, skip_zero_advantage=not a.no_skip,
+                     share_prompt=not a.no_share_prompt)  # fmt: skip
+    trainer = GRPO(engine, CharTokenizer(), t, cfg, rewards)
+    out = {"times": [], "rewards": [], "zero_var": [], "flops": [], "generation": []}
+    for _ in range(a.steps):
         t0 = time.perf_counter()
         metrics = trainer.step()
-        times.append(time.perf_counter() - t0)
-        generation.append(PROMPTS * GROUP * metrics["completion_len"] / metrics["gen_tokens_per_s"])
-        tokens.append(PROMPTS * GROUP * (prompt_len + metrics["completion_len"]))
-    print(f"nanoseek: {model.num_params() / 1e6:.2f}M parameters")
-    return times, generation, statistics.mean(tokens) * model.flops_per_token(int(prompt_len) + NEW_TOKENS)
+        out["times"].append(time.perf_counter() - t0)
+        out["rewards"].append(metrics["reward_mean"])
+        out["zero_var"].append(metrics["zero_variance_frac"])
+        out["flops"].append(metrics["flops"])
+        out["generation"].append(PROMPTS * GROUP * metrics["completion_len"] / metrics["gen_tokens_per_s"])
+    out["name"] = f"nanoseek ({model.num_params() / 1e6:.2f}M parameters)"
+    return out
 
 
-def run_trl(steps: int) -> tuple[list[float], str]:
+def run_trl(state: dict, a: argparse.Namespace) -> dict:
     import transformers
     import trl
     from datasets import Dataset
@@ -114,33 +161,35 @@ def run_trl(steps: int) -> tuple[list[float], str]:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
     tokenizer.padding_side = "left"
     config = LlamaConfig(
-        vocab_size=EOS + 1,
-        hidden_size=WIDTH,
-        intermediate_size=FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    task, probs = problems(PROMPTS * (steps + 2))
+        vocab_size=EOS + 1, hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=SEQ, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(to_hf(state, model_config()), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise SystemExit(f"weight mapping to Llama failed: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    ours = Transformer(model_config()).eval()
+    ours.load_state_dict(state)
+    probe = torch.randint(0, EOS + 1, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        delta = float((ours(probe) - hf.eval()(probe).logits).abs().max())
+    print(f"same weights in both: max |Δ logits| nanoseek vs Llama = {delta:.2e}")
+    t = task()
+    probs = [t.problem("train", 0, i) for i in range(PROMPTS * (a.steps + 2))]
     data = Dataset.from_list([{"prompt": render_prompt("compact", p.question), "target": p.answer} for p in probs])
-    accuracy = accuracy_reward(task)
+    accuracy = accuracy_reward(t)
 
     def trl_accuracy(prompts, completions, target, **_):
-        return accuracy(prompts, completions, target=[int(t) for t in target])
+        return accuracy(prompts, completions, target=[int(x) for x in target])
 
     def trl_format(prompts, completions, **_):
         return format_reward(prompts, completions)
 
-    class StepTimer(TrainerCallback):
+    class Recorder(TrainerCallback):
         def __init__(self):
-            self.times, self.start = [], None
+            self.times, self.rewards, self.zero_var, self.start = [], [], [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -148,60 +197,92 @@ def run_trl(steps: int) -> tuple[list[float], str]:
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter() - self.start)
 
-    timer = StepTimer()
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                self.rewards.append(logs["reward"])
+                self.zero_var.append(logs.get("frac_reward_zero_std", float("nan")))
+
+    recorder = Recorder()
     with tempfile.TemporaryDirectory() as folder:
-        LlamaForCausalLM(config).save_pretrained(f"{folder}/model")
+        hf.save_pretrained(f"{folder}/model")
         tokenizer.save_pretrained(f"{folder}/model")
         args = TRLConfig(
-            output_dir=f"{folder}/out",
-            per_device_train_batch_size=PROMPTS * GROUP,
-            num_generations=GROUP,
-            max_completion_length=NEW_TOKENS,
-            learning_rate=LR,
-            loss_type="dapo",
-            beta=0.0,
-            num_iterations=1,
-            temperature=1.0,
-            reward_weights=[1.0, 0.1],
-            max_steps=steps,
-            use_cpu=True,
-            bf16=False,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=1000,
-            disable_tqdm=True,
-            seed=0,
-        )
+            output_dir=f"{folder}/out", per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+            max_completion_length=NEW_TOKENS, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
+            adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, loss_type="dapo", beta=0.0, num_iterations=1,
+            temperature=1.0, reward_weights=[1.0, 0.1], max_steps=a.steps, use_cpu=True, bf16=BF16,
+            save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=0,
+        )  # fmt: skip
         trainer = TRLTrainer(
-            model=f"{folder}/model",
-            reward_funcs=[trl_accuracy, trl_format],
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-            callbacks=[timer],
-        )
+            model=f"{folder}/model", reward_funcs=[trl_accuracy, trl_format], args=args, train_dataset=data,
+            processing_class=tokenizer, callbacks=[recorder],
+        )  # fmt: skip
+        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the logs are recorded, not printed
         trainer.train()
-    return timer.times, f"TRL {trl.__version__} (transformers {transformers.__version__})"
+    name = f"TRL {trl.__version__} (transformers {transformers.__version__}, bf16 {'on' if BF16 else 'off'})"
+    return {"times": recorder.times, "rewards": recorder.rewards, "zero_var": recorder.zero_var, "name": name}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    ours, generation, train_flops = run_nanoseek(args.steps)
-    theirs, version = run_trl(args.steps)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="GRPO steps per trainer (default 40)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median step time (default 3)")
+    parser.add_argument("--cold-start", type=int, default=150, help="supervised steps before GRPO (default 150)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate of both trainers (default 1e-4)")
+    parser.add_argument("--target", type=float, default=0.5, help="training reward to reach (default 0.5)")
+    parser.add_argument("--window", type=int, default=5, help="steps averaged for the reward (default 5)")
+    parser.add_argument("--no-share-prompt", action="store_true", help="prefill every completion's prompt")
+    parser.add_argument("--no-skip", action="store_true", help="train on zero-advantage completions too")
+    parser.add_argument("--bf16", action="store_true", help="nanoseek under bf16 autocast (train.dtype)")
+    parser.add_argument("--skip-trl", action="store_true", help="nanoseek only")
+    add_json_argument(parser)
+    a = parser.parse_args()
+    if a.steps <= a.warmup:
+        parser.error(f"--steps={a.steps} is invalid: expected more than --warmup={a.warmup}")
+    load = load_average()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, "
+          f"bf16 instructions: {'yes' if BF16 else 'no'}")  # fmt: skip
+    t0 = time.perf_counter()
+    state = cold_start(a.cold_start)
+    print(f"cold start: {a.cold_start} supervised steps in {time.perf_counter() - t0:.0f} s")
+    runs = [run_nanoseek(state, a)]
+    if not a.skip_trl:
+        runs.append(run_trl(state, a))
     rate = matmul_flops_per_second()
-    a, b, gen = median_step(ours, args.warmup), median_step(theirs, args.warmup), median_step(generation, args.warmup)
-    n = args.steps - args.warmup
-    print(f"nanoseek: {a:.3f} s/step, median of {n} (generation {gen:.3f} s, the rest {a - gen:.3f} s)")
-    print(f"{version}: {b:.3f} s/step, median of {n}")
-    print(f"ratio nanoseek / TRL: {a / b:.2f} (goal <= 0.20)")
-    print(
-        f"compute floor of the update alone: {train_flops / 1e9:.1f} GFLOP at {rate / 1e9:.0f} GFLOP/s "
-        f"(this machine's matmul rate now) = {train_flops / rate:.3f} s, {train_flops / rate / b:.2f} of TRL's step"
-    )
+    rows, reach = [], {}
+    for r in runs:
+        step = statistics.median(r["times"][a.warmup :])
+        reach[r["name"]] = time_to_reward(r["times"], r["rewards"], a.target, a.window)
+        got = reach[r["name"]]
+        first, last = statistics.mean(r["rewards"][: a.window]), statistics.mean(r["rewards"][-a.window :])
+        print(f"{r['name']}: {step:.3f} s/step (median of {len(r['times']) - a.warmup}); reward {first:.3f} over the "
+              f"first {a.window} steps, {last:.3f} over the last; zero-variance groups "
+              f"{statistics.mean(r['zero_var']):.2f}; time to reward {a.target}: "
+              f"{f'{got:.1f} s' if got is not None else f'not reached within {a.steps} steps'}")  # fmt: skip
+        r["step"] = step
+    ours = runs[0]
+    floor = statistics.median(ours["flops"][a.warmup :]) / rate
+    gen = statistics.median(ours["generation"][a.warmup :])
+    print(f"nanoseek step: generation {gen:.3f} s, the rest {ours['step'] - gen:.3f} s; compute floor (generation + "
+          f"update FLOPs at {rate / 1e9:.0f} GFLOP/s, this machine's matmul rate now) {floor:.3f} s = "
+          f"{ours['step'] / floor:.1f}× below the step")  # fmt: skip
+    rows.append(row("nanoseek step / its compute floor", ours["step"] / floor, "×", "<= 1.5"))
+    rows.append(row("nanoseek zero-variance group fraction", statistics.mean(ours["zero_var"])))
+    if len(runs) == 2:
+        theirs = runs[1]
+        print(f"ratio nanoseek / TRL, seconds per step: {ours['step'] / theirs['step']:.2f}")
+        rows.append(row("nanoseek / TRL seconds per step", ours["step"] / theirs["step"], "×"))
+        rows.append(row("TRL zero-variance group fraction", statistics.mean(theirs["zero_var"])))
+        a_t, b_t = reach[ours["name"]], reach[theirs["name"]]
+        if a_t is not None and b_t is not None:
+            print(f"ratio nanoseek / TRL, time to reward {a.target}: {a_t / b_t:.2f} (goal <= 0.20)")
+            rows.append(row(f"nanoseek / TRL time to training reward {a.target}", a_t / b_t, "×", "<= 0.2"))
+        else:
+            who = " and ".join(n for n, v in reach.items() if v is None)
+            print(f"time to reward {a.target}: not reached by {who} within {a.steps} steps; no ratio")
+            rows.append(row(f"time to training reward {a.target}", f"not reached by {who} in {a.steps} steps",
+                            goal=None))  # fmt: skip
+    write_json(a.json, "grpo_vs_trl", rows, load, torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import add_json_argument, load_average, row, write_json  # noqa: E402
 
 from nanoseek.config import RunConfig  # noqa: E402
 from nanoseek.data.config import DataConfig  # noqa: E402
@@ -54,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", default="1,2", help="torch thread counts to time (default 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are reported (default 5)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
+    add_json_argument(p)
     return p.parse_args()
 
 
@@ -124,6 +126,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--classes: unknown {unknown[0]!r}; choose from {', '.join(CLASSES)}")
     threads = [int(t) for t in args.threads.split(",")]
+    load, rows = load_average(), []
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} cores")  # fmt: skip
     print("| class | params | max abs Δlogits (max abs logit) | greedy identical (mean common prefix) | threads | "
@@ -145,7 +148,12 @@ def main() -> None:
                       f"{same}/8 ({prefix:.1f}/{args.new_tokens}) | {t} | {1e3 * s['fwd_ns']:.1f} / "
                       f"{1e3 * s['fwd_hf']:.1f} | {s['fwd_hf'] / s['fwd_ns']:.2f} | {s['gen_ns']:.0f} / "
                       f"{s['gen_hf']:.0f} | {s['gen_ns'] / s['gen_hf']:.2f} |", flush=True)  # fmt: skip
+                rows.append(row(f"{name}: forward time HF / nanoseek, {t} thread(s)", s["fwd_hf"] / s["fwd_ns"], "×"))
+                rows.append(row(f"{name}: decode tok/s nanoseek / HF, {t} thread(s)", s["gen_ns"] / s["gen_hf"], "×"))
+            rows.append(row(f"{name} ({architecture}): max abs Δ logits, fp32", delta, "", "<= 1e-5"))
+            rows.append(row(f"{name}: greedy continuations identical", same, "of 8", ">= 8"))
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    write_json(args.json, "hf_parity", rows, load, max(threads))
 
 
 if __name__ == "__main__":

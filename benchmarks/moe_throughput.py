@@ -3,7 +3,7 @@
 1. Throughput: tokens/s of a full training step (forward + backward + AdamW step + MoE bias update) for a dense
    model, the MoE model with grouped_mm dispatch and the same MoE with the per-expert loop. The arms take turns
    within every repeat, so a slow moment of the machine hits them alike; the median over repeats is reported, as a
-   ratio against the dense model measured in the same run (the issue's goal: MoE >= 0.75x dense), with the time per
+   ratio against the dense model measured in the same run (the goal: MoE >= 0.9x dense), with the time per
    step split into forward, backward and optimizer.
 2. Quality: validation loss after the same token budget (hence about the same FLOPs: active parameters are equal),
    dense vs MoE (grouped; the loop computes the same function, tests/test_moe.py checks it), 3 seeds by default
@@ -28,9 +28,12 @@ import time
 from pydoc_data.topics import topics
 
 import torch
+from common import add_json_argument, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.moe import moe_stats
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.engine import Engine
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,6 +59,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", default="dense,moe-grouped,moe-loop", help="comma-separated subset of the arms")
     p.add_argument("--skip-speed", action="store_true", help="only the quality runs")
     p.add_argument("--skip-quality", action="store_true", help="only the throughput measurement")
+    p.add_argument(
+        "--plain-adamw",
+        action="store_true",
+        help="also time each arm with AdamW's per-parameter loop instead of the engine's fused AdamW",
+    )
+    add_json_argument(p)
     return p.parse_args()
 
 
@@ -103,43 +112,67 @@ def batch(tokens: torch.Tensor, b: int, t: int, g: torch.Generator) -> tuple[tor
 PHASES = ("forward", "backward", "optimizer")
 
 
-def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """One training step; returns the seconds spent in forward, backward and optimizer (+ MoE bias update)."""
+def make_engine(cfg: ModelConfig, train: TrainConfig) -> Engine:
+    return Engine(Transformer(cfg).train(), train, log=lambda message: None)
+
+
+def plain_adamw(engine: Engine) -> Engine:
+    """The same engine with AdamW's per-parameter loop (fused=False, foreach=False): the kernel before the fused one."""
+    for opt in engine.optimizers:
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = False, False
+    return engine
+
+
+def train_step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """One engine update (forward, backward, clipping, optimizer step, MoE bias update); returns the seconds spent
+    in forward, in backward + clipping, and from the optimizer step to the end (the step, the finite check, the
+    bias update), timed by the optimizer's step hooks."""
+    marks = {}
+
+    def closure() -> torch.Tensor:
+        loss = engine.forward(x, y)[1]
+        marks["forward"] = time.perf_counter()
+        return loss
+
+    def before_step(*_) -> None:
+        marks["optimizer"] = time.perf_counter()
+
+    hook = engine.optimizers[0].register_step_pre_hook(before_step)
     t0 = time.perf_counter()
-    _, loss = model(x, y)
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.after_optimizer_step()
-    return [t1 - t0, t2 - t1, time.perf_counter() - t2]
+    engine.update([closure])
+    end = time.perf_counter()
+    hook.remove()
+    return [marks["forward"] - t0, marks["optimizer"] - marks["forward"], end - marks["optimizer"]]
 
 
 def throughput(cfgs: dict[str, ModelConfig], train: torch.Tensor, a: argparse.Namespace) -> dict[str, list[float]]:
     """Per arm: median tokens/s, then median ms per step in each phase; arms take turns within each repeat."""
     g = torch.Generator().manual_seed(0)
     data = [batch(train, a.batch, a.seq_len, g) for _ in range(a.steps)]
+    arms = {name: (cfg, False) for name, cfg in cfgs.items()}
+    if a.plain_adamw:  # the same arms with the per-parameter AdamW loop, measured in the same run
+        arms |= {f"{name}/loop-adamw": (cfg, True) for name, cfg in cfgs.items() if name != "moe-loop"}
     runs = {}
-    for name, cfg in cfgs.items():
+    for name, (cfg, plain) in arms.items():
         torch.manual_seed(0)
-        model = Transformer(cfg).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine = make_engine(cfg, TrainConfig(lr=1e-4, threads=a.threads))
+        engine = plain_adamw(engine) if plain else engine
         for x, y in data[: a.warmup]:
-            train_step(model, opt, x, y)
-        runs[name] = (model, opt)
-    rates: dict[str, list[float]] = {name: [] for name in cfgs}
-    phases: dict[str, list[list[float]]] = {name: [] for name in cfgs}
+            train_step(engine, x, y)
+        runs[name] = engine
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    phases: dict[str, list[list[float]]] = {name: [] for name in arms}
     for _ in range(a.repeats):
-        for name, (model, opt) in runs.items():
+        for name, engine in runs.items():
             t0 = time.perf_counter()
-            times = [train_step(model, opt, x, y) for x, y in data]
+            times = [train_step(engine, x, y) for x, y in data]
             rates[name].append(a.steps * a.batch * a.seq_len / (time.perf_counter() - t0))
             phases[name].append([1000 * sum(column) / a.steps for column in zip(*times, strict=True)])
     return {
         name: [statistics.median(rates[name])]
         + [statistics.median(column) for column in zip(*phases[name], strict=True)]
-        for name in cfgs
+        for name in arms
     }
 
 
@@ -158,19 +191,18 @@ def val_loss(model: Transformer, val: torch.Tensor, a: argparse.Namespace) -> fl
 def quality(cfg: ModelConfig, train: torch.Tensor, val: torch.Tensor, seed: int, a: argparse.Namespace) -> dict:
     """Train for the token budget (linear warm-up over 5 % of the steps, cosine decay to 10 %), then evaluate."""
     torch.manual_seed(seed)
-    model = Transformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
     steps = max(1, a.budget // (a.batch * a.seq_len))
     warm = max(1, steps // 20)
+    train_cfg = TrainConfig(lr=a.lr, beta2=0.95, weight_decay=0.1, steps=steps, warmup_steps=warm, schedule="cosine",
+                            min_lr_ratio=0.1, threads=a.threads)  # fmt: skip
+    engine = make_engine(cfg, train_cfg)
+    model = engine.model
     g = torch.Generator().manual_seed(1000 + seed)
     trace, marks = [], {steps * i // 10 for i in range(1, 11)}  # max violation every 10 % of the run
     t0 = time.perf_counter()
     for step in range(steps):
-        progress = max(0.0, (step - warm) / max(1, steps - warm))
-        factor = min(1.0, (step + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = a.lr * factor
-        train_step(model, opt, *batch(train, a.batch, a.seq_len, g))
+        engine.set_lr(step)
+        train_step(engine, *batch(train, a.batch, a.seq_len, g))
         if step + 1 in marks and model.moe_layers():
             trace.append(moe_stats(model)["moe_max_violation"])
     seconds = time.perf_counter() - t0
@@ -188,6 +220,8 @@ def mean_ci(xs: list[float]) -> str:
 
 def main() -> None:
     a = parse_args()
+    load = load_average()
+    rows: list[dict] = []
     torch.set_num_threads(a.threads)
     every = configs(a)
     cfgs = chosen_arms(every, a.arms)
@@ -211,6 +245,12 @@ def main() -> None:
             ratio = f"{rate / results['dense'][0]:.2f}× dense" if "dense" in results else ""
             split = " + ".join(f"{t:.0f}" for t in ms)
             print(f"{name:<12} {rate:>10,.0f} tokens/s   {ratio:<11}   ms per step ({', '.join(PHASES)}): {split}")
+            rows.append(row(f"{name}: training tokens/s", rate, "tokens/s"))
+            rows.append(row(f"{name}: optimizer ms per step", ms[2], "ms"))
+            if name != "dense" and "dense" in results:
+                goal = ">= 0.9" if name == "moe-grouped" else None  # the issue's goal, for the default dispatch
+                rows.append(row(f"{name} / dense tokens/s (fwd + bwd + optimizer)", rate / results["dense"][0], "×",
+                                goal))  # fmt: skip
     quality_arms = [name for name in cfgs if name != "moe-loop"] or ["moe-loop"]  # the loop = grouped's function
     if not a.skip_quality:
         print(f"\nvalidation loss after {a.budget:,} training tokens, seeds 0..{a.seeds - 1}, lr {a.lr}")
@@ -230,6 +270,8 @@ def main() -> None:
             diff = [m["loss"] - d["loss"] for m, d in zip(runs[moe], runs["dense"], strict=True)]
             flops = models[moe].flops_per_token() / models["dense"].flops_per_token()
             print(f"MoE - dense val loss (paired by seed): {mean_ci(diff)} at {flops:.3f}× the dense FLOPs per token")
+            rows.append(row(f"{moe} - dense val loss after {a.budget:,} tokens ({a.seeds} seeds)", mean_ci(diff)))
+    write_json(a.json, "moe_throughput", rows, load, torch.get_num_threads())
 
 
 if __name__ == "__main__":

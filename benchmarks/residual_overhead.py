@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure the checkout this file is in
+from common import add_json_argument, load_average, row, write_json  # noqa: E402
+
 from nanoseek import ModelConfig, Transformer  # noqa: E402
 from nanoseek.model.attention import rotary_tables  # noqa: E402
 
@@ -226,6 +228,21 @@ def goals(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def goal_rows(results: dict[str, dict[str, dict]]) -> list[dict]:
+    """The goals as result rows, one per mHC arm measured, then each run's mHC time ratio without a goal."""
+    rows = []
+    for what, run, measure_, bound in GOALS:
+        res = results.get(run, {})
+        key = "median" if measure_ == "time" else "saved"
+        for arm in (a for a in ("mhc", "mhc-recompute") if a in res):
+            rows.append(row(f"{arm}: {what.split(' ≤')[0]} / plain", res[arm][key] / res["plain"][key], "×",
+                            f"<= {bound}"))  # fmt: skip
+    for run, res in results.items():
+        if run != "compile" and "mhc" in res:
+            rows.append(row(f"mhc: {run} time / plain", res["mhc"]["median"] / res["plain"]["median"], "×"))
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
@@ -257,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "at 8 sites, which keeps twice as many states)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
+    add_json_argument(p)
     p.add_argument(
         "--quick",
         action="store_true",
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads, median of {args.repeats} steps per arm",
         flush=True,
     )
-    load = os.getloadavg()[0]
+    load = load_average()
     if load > (os.cpu_count() or 1) - 1 and torch.get_num_threads() > 1:
         print(
             f"warning: load average {load:.1f} on {os.cpu_count()} cores; multi-threaded timings are unreliable when "
@@ -315,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"1-minute load average: {load:.1f} before, {os.getloadavg()[0]:.1f} after (other work on the machine)")
     if PACKAGE in arms:
         print(PACKAGE_NOTES)
+    write_json(args.json, "residual_overhead", goal_rows(results), load, torch.get_num_threads())
 
 
 if __name__ == "__main__":

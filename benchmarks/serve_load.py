@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import add_json_argument, load_average, row, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -214,7 +215,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (clients use the other core)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak with N requests instead")
+    add_json_argument(ap)
     args = ap.parse_args()
+    load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint(Path(tmp) / "demo-random")
         proc = start_server(ckpt, args.port, args.threads)
@@ -240,6 +243,12 @@ def main() -> None:
               f"{1e3 * r['ttft_p50']:.1f} / {1e3 * r['ttft_p99']:.1f} | "
               f"{1e3 * r['gap_p50']:.2f} / {1e3 * r['gap_p99']:.2f} | {r['per_chunk']:.2f} |")  # fmt: skip
     print(f"generator batch-1 decode (in process, 1 thread): {decode:.0f} tokens/s")
+    results = [row(f"aggregate tok/s, {r['clients']} clients / {rows[0]['clients']}", r["tokens_per_s"] / base, "×",
+                   ">= 4" if r["clients"] == 16 and rows[0]["clients"] == 1 else None) for r in rows[1:]]  # fmt: skip
+    if rows[0]["clients"] == 1:
+        results.append(row("time to first token p50, 1 client", 1e3 * rows[0]["ttft_p50"], "ms", "< 50"))
+    results.append(row("generator batch-1 decode (in process, 1 thread)", decode, "tokens/s", ">= 500"))
+    write_json(args.json, "serve_load", results, load, args.threads)
 
 
 if __name__ == "__main__":

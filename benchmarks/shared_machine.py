@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from common import add_json_argument, load_average, row, write_json
+
 KEEP = {"NANOSEEK_OPENMP": "keep"}  # nanoseek leaves the OpenMP environment as it finds it
 SETTINGS = {
     "nanoseek auto": {},
@@ -98,7 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="steps per run (the first 3 are not timed)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting and condition (median taken)")
+    add_json_argument(parser)
     args = parser.parse_args()
+    load = load_average()
     print(f"{os.cpu_count()} cores, load average before: {os.getloadavg()[0]:.2f}")
     idle = measure(args.steps, args.repeats, loaded=False)
     print(f"load average between: {os.getloadavg()[0]:.2f}")
@@ -115,6 +119,18 @@ def main() -> None:
         print(f"{name:<22}{idle[name][0]['threads']:>8}{a:>13.3f}{a / base:>10.2f}{b:>15.3f}{b / a:>13.2f}"
               f"{ca:>12.1f}{cb:>14.1f}")  # fmt: skip
     print("\ngoal: loaded/idle <= 2.5 for 'nanoseek auto', and its idle time not above torch's defaults")
+    auto_idle = statistics.median(r["step_s"] for r in idle["nanoseek auto"])
+    auto_busy = statistics.median(r["step_s"] for r in busy["nanoseek auto"])
+    rows = [
+        row("nanoseek auto: demo step time with 2 busy processes / idle", auto_busy / auto_idle, "×", "<= 2.5"),
+        row("nanoseek auto / torch defaults, idle step time", auto_idle / base, "×", "<= 1.0"),
+        row(
+            "torch defaults: step time with 2 busy processes / idle",
+            statistics.median(r["step_s"] for r in busy["torch defaults"]) / base,
+            "×",
+        ),  # fmt: skip
+    ]
+    write_json(args.json, "shared_machine", rows, load, idle["nanoseek auto"][0]["threads"])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from common import add_json_argument, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.train.config import TrainConfig
@@ -78,7 +79,9 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one configuration each: checks that it runs")
+    add_json_argument(p)
     args = p.parse_args()
+    load, rows = load_average(), []
     if args.quick:
         args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.steps = 64, 2, 2, 64, 2, 2
         args.modes, args.matmul_size = "eager", 256
@@ -110,6 +113,9 @@ def main() -> None:
                 base.setdefault((mode, dtype), sec)
                 ratio = sec / base[(mode, dtype)]
                 print(f"{residual:8} {mode:9} {dtype:5} {sec:9.3f} {tps:9.0f} {mfu:9.1%} {ratio:8.2f}x {warm:9.1f}")
+                rows.append(row(f"{residual} {mode} {dtype}: training tokens/s", tps, "tokens/s"))
+                rows.append(row(f"{residual} {mode} {dtype}: MFU (vs measured {dtype} matmul peak)", 100 * mfu, "%"))
+    write_json(args.json, "train_throughput", rows, load, torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -134,3 +134,15 @@ def test_non_finite_updated_weights_are_caught_in_every_stage(stage, on_nan):
     poison.remove()
     s.step(2)
     assert e.skipped == 1 and not all(torch.equal(a, b) for a, b in zip(before, e.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_check_catches_each_non_finite_value_in_any_tensor(bad):
+    from nanoseek.train.engine import _finite
+
+    params = [torch.zeros(3, 4), torch.ones(5), torch.full((2,), -7.0, dtype=torch.bfloat16)]
+    assert _finite(params)
+    for i in range(len(params)):
+        broken = [p.clone() for p in params]
+        broken[i].view(-1)[-1] = bad
+        assert not _finite(broken)

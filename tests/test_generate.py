@@ -35,6 +35,32 @@ def test_cached_and_uncached_sampling_give_the_same_tokens(model, kwargs):
     assert not torch.equal(other.tokens, runs[0].tokens)
 
 
+@pytest.mark.parametrize(
+    "extra", [{}, {"residual": "mhc", "ffn": "moe", "n_routed_experts": 4, "top_k": 2, "moe_dispatch": "loop"}]
+)
+def test_shared_prompt_prefill_gives_the_same_tokens_and_logprobs_in_float64(extra):
+    """Groups of repeated prompts (as GRPO samples them), of different lengths and interleaved: prefilling each
+    distinct prompt once and copying its cache rows decodes exactly what one prefill per row decodes."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**CFG.__dict__, **extra})).double().eval()
+    prompts = [PROMPTS[i] for i in (0, 1, 0, 2, 1, 0, 2, 2)]
+    runs = [
+        generate(
+            model,
+            prompts,
+            20,
+            generator=torch.Generator().manual_seed(1),
+            share_prompts=share,
+            stop=("QQ",),
+            decode=letters,
+        )  # fmt: skip
+        for share in (True, False)
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-12)
+    assert len({tuple(r) for r in runs[0].tokens.tolist()}) > 3  # copies of a prompt sampled different tokens
+
+
 def test_greedy_follows_the_argmax_and_ignores_left_padding(model):
     batch = generate(model, PROMPTS, 12, temperature=0)
     for i, prompt in enumerate(PROMPTS):

@@ -180,6 +180,35 @@ def test_norms_biases_gates_and_embeddings_are_not_decayed():
     assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
 
 
+@pytest.mark.parametrize("ffn", ["swiglu", "moe"])
+def test_fused_adamw_update_equals_the_per_parameter_loop_in_float64(ffn):
+    """The engine's AdamW runs torch's fused kernel; five updates with the model's real groups (decayed matrices
+    and experts, undecayed rest) and changing gradients land where the plain per-parameter loop lands."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=16, residual="mhc", ffn=ffn,
+                      n_routed_experts=4, top_k=2)  # fmt: skip
+    torch.manual_seed(0)
+    fused_model = Transformer(cfg).double()
+    loop_model = Transformer(cfg).double()
+    loop_model.load_state_dict(fused_model.state_dict())
+    train = TrainConfig(lr=3e-2, weight_decay=0.1)
+    (fused,) = build_optimizers(fused_model, train)
+    (loop,) = build_optimizers(loop_model, train)
+    assert all(g["fused"] for g in fused.param_groups)
+    for g in loop.param_groups:
+        g["fused"], g["foreach"] = False, False
+    params = list(zip(fused_model.parameters(), loop_model.parameters(), strict=True))
+    start = [a.detach().clone() for a, _ in params]
+    for step in range(5):
+        for a, b in params:
+            a.grad = torch.randn(a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    assert max(float((a.detach() - a0).abs().max()) for (a, _), a0 in zip(params, start, strict=True)) > 0.1  # it moved
+    for a, b in params:
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
 def test_moe_experts_are_decayed_routers_are_not_and_loads_are_logged(text_file, tmp_path):
     moe = ["model.ffn='moe'", "model.n_routed_experts=4", "model.top_k=2", "train.optimizer='muon'"]
     parts = Parts(tiny(text_file, *moe), tmp_path)

@@ -84,6 +84,7 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    share_prompts: bool = True,
     pad_id: int = 0,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
@@ -93,7 +94,9 @@ def generate(
     byte, true of byte and byte-level BPE tokenizers). ``top_k=0`` and ``top_p=1`` disable those filters.
     A prompt plus ``max_new_tokens`` longer than the model's ``seq_len`` is an error (positions beyond it were never
     trained). ``use_cache=False`` recomputes the whole sequence every step: slow, kept as the reference the cached
-    path is tested against."""
+    path is tested against. With ``share_prompts`` (and the cache), identical prompts — a GRPO group's G copies —
+    are prefilled once and their cache rows copied to every row that repeats them; the tokens are the same as
+    without it (tested)."""
     require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts", "…", "expected non-empty token lists")
     require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "expected >= 1")
     require(temperature >= 0, "temperature", temperature, "expected >= 0 (0 is greedy)")
@@ -116,8 +119,22 @@ def generate(
         pad_mask[i, longest - len(p) :] = True
 
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype) if use_cache else None
-    logits = model(seq, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
+    cache = None
+    if use_cache:
+        distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt -> its index among the distinct ones
+        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if share_prompts and len(distinct) < b:  # prefill every distinct prompt once, then copy its cache rows
+            first = torch.tensor([rows.index(i) for i in range(len(distinct))], device=device)
+            cache = KVCache(model.cfg, len(distinct), longest + max_new_tokens, device, dtype)
+            logits = model(seq[first], cache=cache, pad_mask=pad_mask[first])[:, -1]
+            expand = torch.tensor(rows, device=device)
+            logits = logits[expand]  # (B, V)
+            cache.k, cache.v, cache.valid = cache.k[:, expand], cache.v[:, expand], cache.valid[expand]
+        else:
+            cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype)
+            logits = model(seq, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
+    else:
+        logits = model(seq, pad_mask=pad_mask)[:, -1]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
     logprobs = torch.zeros(b, max_new_tokens, device=device)

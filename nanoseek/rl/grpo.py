@@ -170,6 +170,9 @@ class GRPOConfig:
     equal) out of the forward and backward: they add exactly 0 to the loss and its gradient, and the normalisers
     stay the whole batch's, so the update is the same for less work (tested). The entropy and clip fraction are
     then over the trained tokens; an MoE model's balance loss covers the trained sequences only."""
+    share_prompt: bool = True
+    """Prefill each group's prompt once and copy its KV cache to the group's G completions (same tokens as G
+    prefills, tested)."""
     advantage: str = "outcome"
     """outcome: one advantage per completion from its total reward, normalised in its group (GRPO's); process: a
     reward for every verified step of the think block and for the answer, normalised over the group's steps, and
@@ -259,6 +262,7 @@ class GRPO:
                 self.model, self.tokenizer, problems, self.rewards, group_size=c.group_size,
                 max_new_tokens=self.task.max_new_tokens, template=self.task.template, temperature=c.temperature,
                 top_k=c.top_k, top_p=c.top_p, stop=self.task.stop, generator=self.generator,
+                share_prompts=c.share_prompt,
             )  # fmt: skip
         self.model.train(was_training)
         return rollout

@@ -152,9 +152,10 @@ def _item(t: torch.Tensor) -> float:
 
 
 def _finite(params: list[nn.Parameter]) -> bool:
-    """Every parameter (this process's shard of it) finite: one reduction per tensor, one sync."""
+    """Every parameter (this process's shard of it) finite: its min and max (NaN propagates through both) in one
+    pass per tensor without a temporary copy, one sync."""
     local = [_local(p.detach()) for p in params]
-    return bool(torch.stack([t.float().abs().amax() for t in local if t.numel()]).isfinite().all())
+    return bool(torch.stack([torch.stack(torch.aminmax(t)).float() for t in local if t.numel()]).isfinite().all())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""What every benchmark shares: its result as JSON (``--json PATH``) and the machine-load check.
+
+A result file holds the benchmark's name, the exact command, torch's thread count, the 1-minute load average before
+and after, and its rows. A row is one figure with its unit and, when the benchmark has one, its goal and whether the
+goal is met (``met`` is None for a figure without a goal). ``benchmarks/bench.py`` runs every benchmark with
+``--json`` and ``benchmarks/table.py`` turns the files into docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import sys
+import time
+from pathlib import Path
+
+COMPARE = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON to PATH")
+
+
+def row(metric: str, value: float | int | str | None, unit: str = "", goal: str | None = None) -> dict:
+    """One figure. ``goal`` is "<op> <number>" (e.g. "<= 1.10"), compared against ``value``; None means no goal."""
+    met = None
+    if goal is not None and isinstance(value, (int, float)):
+        op, bound = goal.split()
+        if op not in COMPARE:
+            raise ValueError(f"goal {goal!r}: expected one of {', '.join(COMPARE)} then a number")
+        met = bool(COMPARE[op](value, float(bound)))
+    return {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
+
+
+def load_average() -> float:
+    """The 1-minute load average, as /proc/loadavg gives it (os.getloadavg elsewhere)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return os.getloadavg()[0]
+
+
+def busy_cores(seconds: float = 3.0) -> float:
+    """Cores kept busy by all processes over the next ``seconds`` (from /proc/stat; None-safe: 0 if unreadable).
+
+    Called while the caller itself sleeps, it measures what *other* processes use right now, which the 1-minute
+    average cannot tell apart from the tail of the benchmark that just finished."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return 0.0
+    if total1 == total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
+def write_json(path: Path | None, name: str, rows: list[dict], load_before: float, threads: int, **extra) -> None:
+    """Write the result file atomically (a temporary file renamed over the target)."""
+    if path is None:
+        return
+    result = {
+        "benchmark": name,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "threads": threads,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "rows": rows,
+        **extra,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,100 @@
+"""Write docs/BENCHMARKS.md from the JSON results of ``benchmarks/bench.py`` (runs/bench by default).
+
+python benchmarks/table.py [--results runs/bench] [--out docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HEADER = """\
+# Benchmarks
+
+Written by `make bench` (`benchmarks/bench.py`, then `benchmarks/table.py`): every benchmark in `benchmarks/` at the
+size given in its command, each result a ratio measured in one run where the figure is a comparison. "Load" is the
+1-minute load average before and after the benchmark; "others" is the CPU (in cores) that processes other than the
+benchmark used while it ran, measured from /proc/stat. A row marked **load too high** was measured while other work
+competed for the cores (after waiting and rerunning): its figure is noise, not a result.
+"""
+
+
+def fmt(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-2 or abs(value) >= 1e6:
+        return f"{value:.2e}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def verdict(r: dict, status: str) -> str:
+    if r["met"] is None:
+        return "—"
+    if status != "ok":
+        return "(load too high)"
+    return "met" if r["met"] else "**not met**"
+
+
+def write_table(results: Path, out: Path, names: list[str] | None = None) -> None:
+    machine = json.loads((results / "machine.json").read_text())
+    files = sorted(p for p in results.glob("*.json") if p.name != "machine.json")
+    found = {json.loads(p.read_text())["benchmark"]: json.loads(p.read_text()) for p in files}
+    order = [n for n in (names or sorted(found)) if n in found]
+    lines = [HEADER]
+    bf16 = "yes" if machine["bf16"] else "no"
+    lines.append(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores (bf16 instructions: {bf16}); Python "
+        f"{machine['python']}, torch {machine['torch']} ({machine['torch_threads']} threads by default); commit "
+        f"`{machine['commit']}`, {machine['date']}.\n"
+    )
+    lines.append("| benchmark | figure | value | goal | met |\n|---|---|---|---|---|")
+    for name in order:
+        res = found[name]
+        status = res.get("status", "ok")
+        rows = res["rows"] or [{"metric": status, "value": "", "unit": "", "goal": None, "met": None}]
+        for r in rows:
+            value = f"{fmt(r['value'])} {r['unit']}".strip()
+            if status == "load too high":
+                value += " (load too high)"
+            lines.append(f"| {name} | {r['metric']} | {value} | {r['goal'] or '—'} | {verdict(r, status)} |")
+    lines.append("\n## How each was run\n")
+    lines.append("| benchmark | command | threads | load before → after | others (cores) | minutes | status |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for name in order:
+        res = found[name]
+        if "command" not in res:
+            lines.append(f"| {name} | — | — | — | — | — | {res['status']} |")
+            continue
+        others = f"{res['others_cores']:.2f}" if "others_cores" in res else "—"
+        minutes = f"{res['seconds'] / 60:.1f}" if "seconds" in res else "—"
+        lines.append(
+            f"| {name} | `{res['command']}` | {res['threads']} | {res['load_before']:.2f} → "
+            f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', 'not run by bench.py')} |"
+        )
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=ROOT / "runs" / "bench", help="folder of bench.py's JSON files")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    a = p.parse_args()
+    if not (a.results / "machine.json").exists():
+        raise SystemExit(f"{a.results}: no machine.json; run benchmarks/bench.py first")
+    write_table(a.results, a.out)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
