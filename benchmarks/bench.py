@@ -32,9 +32,9 @@ ROOT = HERE.parent
 
 # name: (arguments used by `make bench`, modules it needs beyond nanoseek's own dependencies)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "residual_overhead": (["--threads", "2"], []),
+    "residual_overhead": (["--threads", "2", "--repeats", "6"], []),
     "moe_throughput": (["--threads", "2", "--skip-quality"], []),
-    "train_throughput": ([], []),
+    "train_throughput": (["--steps", "4"], []),
     "grpo_vs_trl": ([], ["trl", "transformers", "datasets"]),
     "hf_parity": (["--threads", "2", "--repeats", "3"], ["transformers"]),
     "decode_speed": ([], []),
