@@ -79,7 +79,8 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
         path.unlink(missing_ok=True)
         busy0, own0 = cpu_seconds()
         t0 = time.monotonic()
-        command = [sys.executable, str(HERE / f"{name}.py"), *args, *extra, "--json", str(path)]
+        relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        command = [sys.executable, str(HERE / f"{name}.py"), *args, *extra, "--json", str(relative)]
         print(f"[{name}] attempt {attempt + 1}: load average {load:.2f}; {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
         elapsed = time.monotonic() - t0

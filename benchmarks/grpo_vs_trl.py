@@ -264,8 +264,8 @@ def main() -> None:
     floor = statistics.median(ours["flops"][a.warmup :]) / rate
     gen = statistics.median(ours["generation"][a.warmup :])
     print(f"nanoseek step: generation {gen:.3f} s, the rest {ours['step'] - gen:.3f} s; compute floor (generation + "
-          f"update FLOPs at {rate / 1e9:.0f} GFLOP/s, this machine's matmul rate now) {floor:.3f} s = "
-          f"{ours['step'] / floor:.1f}× below the step")  # fmt: skip
+          f"update FLOPs at {rate / 1e9:.0f} GFLOP/s, this machine's matmul rate now) {floor:.3f} s; "
+          f"the step is {ours['step'] / floor:.1f}× its floor")  # fmt: skip
     rows.append(row("nanoseek step / its compute floor", ours["step"] / floor, "×", "<= 1.5"))
     rows.append(row("nanoseek zero-variance group fraction", statistics.mean(ours["zero_var"])))
     if len(runs) == 2:
