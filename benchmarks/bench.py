@@ -32,9 +32,9 @@ ROOT = HERE.parent
 
 # name: (arguments used by `make bench`, modules it needs beyond nanoseek's own dependencies)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "residual_overhead": (["--threads", "2"], []),
+    "residual_overhead": (["--threads", "2", "--repeats", "6"], []),
     "moe_throughput": (["--threads", "2", "--skip-quality"], []),
-    "train_throughput": ([], []),
+    "train_throughput": (["--steps", "4"], []),
     "grpo_vs_trl": ([], ["trl", "transformers", "datasets"]),
     "hf_parity": (["--threads", "2", "--repeats", "3"], ["transformers"]),
     "decode_speed": ([], []),
@@ -79,7 +79,8 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
         path.unlink(missing_ok=True)
         busy0, own0 = cpu_seconds()
         t0 = time.monotonic()
-        command = [sys.executable, str(HERE / f"{name}.py"), *args, *extra, "--json", str(path)]
+        relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        command = [sys.executable, str(HERE / f"{name}.py"), *args, *extra, "--json", str(relative)]
         print(f"[{name}] attempt {attempt + 1}: load average {load:.2f}; {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
         elapsed = time.monotonic() - t0

@@ -74,8 +74,9 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
             continue
         others = f"{res['others_cores']:.2f}" if "others_cores" in res else "—"
         minutes = f"{res['seconds'] / 60:.1f}" if "seconds" in res else "—"
+        command = res["command"].replace(f"{ROOT}/", "")  # paths relative to the checkout
         lines.append(
-            f"| {name} | `{res['command']}` | {res['threads']} | {res['load_before']:.2f} → "
+            f"| {name} | `{command}` | {res['threads']} | {res['load_before']:.2f} → "
             f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', 'not run by bench.py')} |"
         )
     text = "\n".join(lines) + "\n"

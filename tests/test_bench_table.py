@@ -1,0 +1,42 @@
+"""The benchmark table: goals compared right, disturbed runs never reported as met, skipped benchmarks shown."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import row, write_json  # noqa: E402
+from table import write_table  # noqa: E402
+
+
+def test_goal_rows_compare_the_value_with_the_bound():
+    assert row("x", 1.05, "×", "<= 1.1")["met"] is True
+    assert row("x", 1.15, "×", "<= 1.1")["met"] is False
+    assert row("x", 0.95, "×", ">= 0.9")["met"] is True
+    assert row("x", 40.0, "ms", "< 50")["met"] is True and row("x", 50.0, "ms", "< 50")["met"] is False
+    assert row("x", 1.0)["met"] is None and row("x", "not reached", goal="<= 0.2")["met"] is None
+    with pytest.raises(ValueError, match="expected one of"):
+        row("x", 1.0, goal="~ 1")
+
+
+def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch):
+    machine = {"cpu": "Test CPU", "cores": 2, "bf16": False, "python": "3.11", "torch": "2.13.0",
+               "torch_threads": 2, "commit": "abc1234", "date": "2026-12-02 04:00"}  # fmt: skip
+    (tmp_path / "machine.json").write_text(json.dumps(machine))
+    monkeypatch.setattr(sys, "argv", ["quiet.py", "--json", "x"])
+    write_json(tmp_path / "quiet.json", "quiet", [row("speed ratio", 1.05, "×", "<= 1.1")], 0.2, 2)
+    write_json(tmp_path / "busy.json", "busy", [row("speed ratio", 1.05, "×", "<= 1.1")], 3.5, 2)
+    for name, status in (("quiet", "ok"), ("busy", "load too high")):
+        result = json.loads((tmp_path / f"{name}.json").read_text()) | {"status": status, "others_cores": 0.1}
+        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0}))
+    (tmp_path / "peer.json").write_text(json.dumps({"benchmark": "peer", "status": "skipped: trl not installed",
+                                                    "rows": []}))  # fmt: skip
+    write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer"])
+    text = (tmp_path / "B.md").read_text()
+    assert "Test CPU, 2 cores" in text and "torch 2.13.0" in text
+    assert "| quiet | speed ratio | 1.05 × | <= 1.1 | met |" in text
+    assert "| busy | speed ratio | 1.05 × (load too high) | <= 1.1 | (load too high) |" in text
+    assert "| peer | skipped: trl not installed |" in text
+    assert "| quiet | `quiet.py --json x` | 2 | 0.20 →" in text
