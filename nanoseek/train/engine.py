@@ -52,7 +52,7 @@ class Engine:
     def __init__(self, model: Transformer, cfg: TrainConfig, dist: Dist | None = None, log: Callable = print):
         self.cfg, self.log = cfg, log
         self.dist = dist or distributed.setup(cfg.device)
-        configure_threads(cfg.threads)
+        configure_threads(cfg.threads, self.dist.world, log)
         self.model = model.to(self.dist.device)
         self.forward = distributed.parallelize(self.model, cfg.parallel, cfg.compile, self.dist)
         self.optimizers = build_optimizers(self.model, cfg)  # after sharding: FSDP replaces the parameters
