@@ -7,8 +7,10 @@ shape and batch) for a fixed number of steps in a fresh process per setting — 
 at start-up — first with the machine as it is, then with two background processes spinning on the CPU, and prints
 seconds per step (median of the timed steps), the CPU seconds, and the ratio loaded / idle.
 
-Settings: the threading nanoseek chooses by itself (`nanoseek auto`, nanoseek/openmp.py), torch's defaults
-(nanoseek told to keep the environment), a passive wait policy, a short spin (GOMP_SPINCOUNT), and one thread.
+Settings: the threading nanoseek chooses by itself (`nanoseek auto`: the passive wait policy of nanoseek/openmp.py
+and the automatic thread count of nanoseek/train/threads.py, which leaves the cores busy processes use), torch's
+defaults (nanoseek told to keep the environment), a passive wait policy, a short spin (GOMP_SPINCOUNT), and one
+thread; all but the first keep their thread count whatever the load.
 Goal: under load the demo takes at most 2.5× its idle time, with no slowdown on an idle machine against torch's
 defaults.
 
@@ -46,8 +48,9 @@ from nanoseek.data.loader import load_token_data
 from nanoseek.model import Transformer
 from nanoseek.train.engine import Engine
 from nanoseek.train.pretrain import Pretraining
-steps = int(sys.argv[1])
-cfg = load_run_config([preset_path("demo")], ["train.eval_every=100000"])
+steps, automatic = int(sys.argv[1]), sys.argv[2] == "auto"
+threads = 0 if automatic else torch.get_num_threads()  # the other settings keep their count whatever the load
+cfg = load_run_config([preset_path("demo")], ["train.eval_every=100000", f"train.threads={threads}"])
 data = load_token_data(cfg.data, cfg.model.seq_len)
 torch.manual_seed(0)
 engine = Engine(Transformer(cfg.model), cfg.train, log=lambda m: None)
@@ -70,9 +73,10 @@ def spin(stop) -> None:
         x += 1
 
 
-def run(setting: dict[str, str], steps: int) -> dict:
+def run(setting: dict[str, str], steps: int, automatic: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in KEYS} | setting
-    done = subprocess.run([sys.executable, "-c", CHILD, str(steps)], env=env, capture_output=True, text=True,
+    command = [sys.executable, "-c", CHILD, str(steps), "auto" if automatic else "fixed"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True,
                           timeout=3600)  # fmt: skip
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
@@ -88,7 +92,7 @@ def measure(steps: int, repeats: int, loaded: bool) -> dict[str, list[dict]]:
         results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
         for _ in range(repeats):  # settings interleaved, so a drift of the machine touches them all
             for name, setting in SETTINGS.items():
-                results[name].append(run(setting, steps))
+                results[name].append(run(setting, steps, automatic=name == "nanoseek auto"))
         return results
     finally:
         stop.set()
@@ -109,14 +113,15 @@ def main() -> None:
     time.sleep(1)
     busy = measure(args.steps, args.repeats, loaded=True)
     base = statistics.median(r["step_s"] for r in idle["torch defaults"])
-    print(f"\n{'setting':<22}{'threads':>8}{'idle s/step':>13}{'× default':>10}{'loaded s/step':>15}"
+    print(f"\n{'setting':<22}{'threads':>9}{'idle s/step':>13}{'× default':>10}{'loaded s/step':>15}"
           f"{'loaded/idle':>13}{'idle cpu s':>12}{'loaded cpu s':>14}")  # fmt: skip
     for name in SETTINGS:
         a = statistics.median(r["step_s"] for r in idle[name])
         b = statistics.median(r["step_s"] for r in busy[name])
         ca = statistics.median(r["cpu_s"] for r in idle[name])
         cb = statistics.median(r["cpu_s"] for r in busy[name])
-        print(f"{name:<22}{idle[name][0]['threads']:>8}{a:>13.3f}{a / base:>10.2f}{b:>15.3f}{b / a:>13.2f}"
+        counts = f"{idle[name][0]['threads']}/{busy[name][0]['threads']}"
+        print(f"{name:<22}{counts:>9}{a:>13.3f}{a / base:>10.2f}{b:>15.3f}{b / a:>13.2f}"
               f"{ca:>12.1f}{cb:>14.1f}")  # fmt: skip
     print("\ngoal: loaded/idle <= 2.5 for 'nanoseek auto', and its idle time not above torch's defaults")
     auto_idle = statistics.median(r["step_s"] for r in idle["nanoseek auto"])
