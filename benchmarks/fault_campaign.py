@@ -95,14 +95,23 @@ def resume_to_end(command: str, run: Path) -> bool:
 
 
 def kill_campaign(work: Path, random_kills: int, quick: bool) -> dict:
-    counts = {"tried": 0, "killed": 0, "resumed_exactly": 0, "resumed_differently": 0, "not_resumable": 0}
+    counts = {"tried": 0, "killed": 0, "resumed_exactly": 0, "resumed_differently": 0, "not_resumable": 0,
+              "before_first_checkpoint": 0, "rerun_exactly": 0, "rerun_failed": 0}  # fmt: skip
     work.mkdir(parents=True)
     reference = work / "reference"
     assert cli(["train", *PRETRAIN_RUN, "--out", str(reference)]).returncode == 0
     ref = weights(reference)
 
-    def judge(run: Path, command: str, expected: dict) -> None:
+    def judge(run: Path, command: str, expected: dict, again: list[str]) -> None:
+        from nanoseek.train.checkpoint import list_checkpoints
+
         counts["killed"] += 1
+        if not list_checkpoints(run):  # killed before its first checkpoint: nothing to resume, run it again
+            counts["before_first_checkpoint"] += 1
+            done = cli(again)
+            ok = done.returncode == 0 and same(weights(run), expected)
+            counts["rerun_exactly" if ok else "rerun_failed"] += 1
+            return
         if not resume_to_end(command, run):
             counts["not_resumable"] += 1
         elif same(weights(run), expected):
@@ -114,9 +123,9 @@ def kill_campaign(work: Path, random_kills: int, quick: bool) -> dict:
         for at in (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6):
             run = work / f"kill-{name}-{at}"
             counts["tried"] += 1
-            done = cli(["train", *PRETRAIN_RUN, "--out", str(run)], driver=[target, name, str(at)])
-            if done.returncode == 137:
-                judge(run, "train", ref)
+            args = ["train", *PRETRAIN_RUN, "--out", str(run)]
+            if cli(args, driver=[target, name, str(at)]).returncode == 137:
+                judge(run, "train", ref, args)
     rng = random.Random(0)
     for i in range(random_kills):
         run = work / f"sigkill-{i}"
@@ -126,8 +135,8 @@ def kill_campaign(work: Path, random_kills: int, quick: bool) -> dict:
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         time.sleep(rng.uniform(2.0, 6.0))
         proc.send_signal(signal.SIGKILL)
-        if proc.wait() == -signal.SIGKILL and (run / "run.json").exists():
-            judge(run, "train", ref)
+        if proc.wait() == -signal.SIGKILL:
+            judge(run, "train", ref, ["train", *PRETRAIN_RUN, "--out", str(run)])
     # GRPO: from a tiny SFT checkpoint, SIGKILL at random moments, then resume
     sft = work / "sft"
     assert cli(["sft", *SFT_RUN, "--out", str(sft)]).returncode == 0
@@ -142,8 +151,8 @@ def kill_campaign(work: Path, random_kills: int, quick: bool) -> dict:
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         time.sleep(rng.uniform(3.0, 9.0))
         proc.send_signal(signal.SIGKILL)
-        if proc.wait() == -signal.SIGKILL and any(run.glob("ckpt-*")):
-            judge(run, "grpo", gref)
+        if proc.wait() == -signal.SIGKILL:
+            judge(run, "grpo", gref, ["grpo", "--init", str(sft), *GRPO_RUN, "--out", str(run)])
     return counts
 
 
@@ -359,9 +368,12 @@ def main() -> None:
         os.environ["NANOSEEK_CACHE"] = str(work / "cache")
         t0 = time.perf_counter()
         kills = kill_campaign(work / "kills", args.random_kills, args.quick)
-        print(f"kill points: {kills['tried']} tried, {kills['killed']} killed mid-run, {kills['resumed_exactly']} "
+        print(f"kill points: {kills['tried']} tried, {kills['killed']} killed mid-run; of those, "
+              f"{kills['killed'] - kills['before_first_checkpoint']} had a checkpoint: {kills['resumed_exactly']} "
               f"resumed bit-identically, {kills['resumed_differently']} resumed differently, "
-              f"{kills['not_resumable']} not resumable", flush=True)  # fmt: skip
+              f"{kills['not_resumable']} not resumable; {kills['before_first_checkpoint']} died before their first "
+              f"checkpoint: {kills['rerun_exactly']} reran bit-identically, {kills['rerun_failed']} failed",
+              flush=True)  # fmt: skip
         (work / "inputs").mkdir()
         bad = bad_input_campaign(work / "inputs")
         print(f"bad inputs: {bad['tried']} tried, {bad['one_line_errors']} one-line errors, {bad['tracebacks']} "
