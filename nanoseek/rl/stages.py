@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from nanoseek.data.examples import JsonlExamples, TaskExamples
-from nanoseek.data.tasks import Task, TaskConfig
+from nanoseek.data.tasks import MAX_PROBLEMS, Task, TaskConfig
 from nanoseek.data.templates import render_target
 from nanoseek.model.config import ModelConfig
 from nanoseek.rl.distill import DistillConfig, OnPolicyDistill, rejection_sample
 from nanoseek.rl.evaluate import EvalResult, evaluate
 from nanoseek.rl.grpo import GRPO, GRPOConfig
-from nanoseek.schema import build_section
+from nanoseek.schema import build_section, require_int
 from nanoseek.train.runfolder import write_atomic
 from nanoseek.train.runner import run
 from nanoseek.train.sft import SFT, SFTConfig
@@ -155,6 +155,10 @@ def run_distill(cfg, out: str | Path, *, init: str | Path | None = None, resume:
     return run(cfg, out, build, init=init, resume=resume, **run_options)
 
 
+MAX_SAMPLES = 4096
+"""Most samples per problem in an evaluation (as --pass-at-k's largest k)."""
+
+
 def run_eval(
     ckpt: str | Path,
     *,
@@ -170,6 +174,8 @@ def run_eval(
     budget and stop strings); ``pass_at``: the k of pass@k (``samples`` is raised to the largest)."""
     from nanoseek.train.load import load_model
 
+    require_int("--n", n, 1, MAX_PROBLEMS)
+    require_int("--samples", samples, 0, MAX_SAMPLES)
     loaded = load_model(ckpt)
     if task is None:
         if "task" not in loaded.config:

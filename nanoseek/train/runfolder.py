@@ -157,6 +157,8 @@ class RunFolder:
         checkpoint = load_checkpoint(self.path, self.log, skipped)
         for bad in skipped if self.main else ():
             aside = bad.with_name(f"corrupt-{PREFIX}{bad.name.rsplit(PREFIX, 1)[1].split('-')[0]}")
+            if aside.exists():  # set aside before (a second fallback at the same step): keep both
+                aside = aside.with_name(f"{aside.name}-{os.getpid()}")
             os.replace(bad, aside)
             self.log(f"warning: moved the unusable {bad.name} aside to {aside.name}")
         return checkpoint
