@@ -231,6 +231,9 @@ def judge_line(done, counts) -> None:
     errors = [line for line in lines if line.startswith("nanoseek ")]
     if "Traceback" in done.stderr:
         counts["tracebacks"] += 1
+    elif done.returncode == 0:  # the command never read the damaged part (sample reads no optimizer state)
+        counts["ran_fine"] += 1
+        print(f"  exit 0 (damage not read): {done.args[-6:]!r}")
     elif done.returncode != 0 and len(errors) == 1 and errors[0] == lines[-1] and ": error: " in errors[0]:
         counts["one_line_errors"] += 1
     else:
@@ -239,7 +242,7 @@ def judge_line(done, counts) -> None:
 
 
 def bad_input_campaign(work: Path) -> dict:
-    counts = {"tried": 0, "one_line_errors": 0, "tracebacks": 0, "hangs": 0, "other": 0}
+    counts = {"tried": 0, "one_line_errors": 0, "ran_fine": 0, "tracebacks": 0, "hangs": 0, "other": 0}
     base = work / "base"
     assert (
         cli(["train", *TRAIN, "--set", "train.steps=3", "--set", "train.eval_every=3", "--out", str(base)]).returncode
@@ -362,21 +365,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--random-kills", type=int, default=8, help="SIGKILLs at random moments (default 8)")
     p.add_argument("--quick", action="store_true", help="fewer kill points per file operation")
+    p.add_argument("--no-kills", action="store_true", help="only the bad inputs and the pickle payloads")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="nanoseek-faults-") as tmp:
         work = Path(tmp)
         os.environ["NANOSEEK_CACHE"] = str(work / "cache")
         t0 = time.perf_counter()
-        kills = kill_campaign(work / "kills", args.random_kills, args.quick)
-        print(f"kill points: {kills['tried']} tried, {kills['killed']} killed mid-run; of those, "
-              f"{kills['killed'] - kills['before_first_checkpoint']} had a checkpoint: {kills['resumed_exactly']} "
-              f"resumed bit-identically, {kills['resumed_differently']} resumed differently, "
-              f"{kills['not_resumable']} not resumable; {kills['before_first_checkpoint']} died before their first "
-              f"checkpoint: {kills['rerun_exactly']} reran bit-identically, {kills['rerun_failed']} failed",
-              flush=True)  # fmt: skip
+        kills = None if args.no_kills else kill_campaign(work / "kills", args.random_kills, args.quick)
+        if kills:
+            print(f"kill points: {kills['tried']} tried, {kills['killed']} killed mid-run; of those, "
+                  f"{kills['killed'] - kills['before_first_checkpoint']} had a checkpoint: {kills['resumed_exactly']} "
+                  f"resumed bit-identically, {kills['resumed_differently']} resumed differently, "
+                  f"{kills['not_resumable']} not resumable; {kills['before_first_checkpoint']} died before their first "
+                  f"checkpoint: {kills['rerun_exactly']} reran bit-identically, {kills['rerun_failed']} failed",
+                  flush=True)  # fmt: skip
         (work / "inputs").mkdir()
         bad = bad_input_campaign(work / "inputs")
-        print(f"bad inputs: {bad['tried']} tried, {bad['one_line_errors']} one-line errors, {bad['tracebacks']} "
+        print(f"bad inputs: {bad['tried']} tried, {bad['one_line_errors']} one-line errors, {bad['ran_fine']} ran "
+              f"fine (exit 0: the command does not read the damaged part), {bad['tracebacks']} "
               f"tracebacks, {bad['hangs']} hangs, {bad['other']} other", flush=True)  # fmt: skip
         payloads = payload_campaign(work / "inputs")
         print(f"pickle payloads: {payloads['payloads']} payloads, {payloads['loads']} loads, "
