@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -363,6 +364,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = _device(args.device)
     app = create_app(lambda: load_model(args.ckpt, device=device), options, select_meter(device, args.watts_per_core))
     print(f"nanoseek serve: http://{args.host}:{args.port}/ (web chat), API at /v1", file=sys.stderr)
+    # uvicorn finishes running answers on SIGTERM, then re-raises the signal: with the default handler back, the
+    # process ends by it (143 in a shell), as servers under a supervisor are expected to
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.grace)
     return 0
 
