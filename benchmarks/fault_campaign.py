@@ -10,7 +10,7 @@
 3. pickle payloads: state.pt files (with matching hashes) and token caches whose pickles would run a command;
    counted: payloads whose command ran.
 
-    flock /tmp/cpu.lock python benchmarks/fault_campaign.py            # about 10 minutes on 2 cores
+    python benchmarks/fault_campaign.py            # about 10 minutes on 2 cores
     python benchmarks/fault_campaign.py --random-kills 2 --quick        # a smoke run
 """
 
