@@ -122,7 +122,7 @@ def generate(
     cache = None
     if use_cache:
         distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt -> its index among the distinct ones
-        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts] if share_prompts else []
         if share_prompts and len(distinct) < b:  # prefill every distinct prompt once, then copy its cache rows
             first = torch.tensor([rows.index(i) for i in range(len(distinct))], device=device)
             cache = KVCache(model.cfg, len(distinct), longest + max_new_tokens, device, dtype)
