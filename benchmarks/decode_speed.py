@@ -1,5 +1,9 @@
 """Batch-1 decode speed of the generator against a baseline commit's generator, measured in the same run.
 
+Three sides: the baseline commit's generator, this tree's eager generator, and this tree's compiled one
+(``generate(compile=True)``: the torch.compile'd fixed-shape decode step; its compile happens in a warm-up call
+before the clock starts and is reported apart).
+
 The model is the demo preset's shape (byte tokenizer, d_model 192, 4 layers, seq_len 128: 1.8M parameters) with
 random weights: decode speed does not depend on what the weights learned. Each side runs in its own child process
 (the baseline from ``git archive`` of ``--baseline`` into a temporary folder), alternating, ``--repeats`` times; the
@@ -36,22 +40,25 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = Transformer(ModelConfig(vocab_size=256, d_model=192, n_layers=4, n_heads=4, seq_len=128)).eval()
 prompt, new = [list(b"The with statement")], 128 - len(b"The with statement")
-generate(model, prompt, 16, temperature=1.0, generator=torch.Generator().manual_seed(1))  # warm-up
-out = {}
+kw = {"compile": True} if sys.argv[2] == "compiled" else {}
+t0 = time.perf_counter()
+generate(model, prompt, 16, temperature=1.0, generator=torch.Generator().manual_seed(1), **kw)  # warm-up, compile
+out = {"warm_up_s": time.perf_counter() - t0}
 for name, temperature in (("sampled", 1.0), ("greedy", 0.0)):
     wall, cpu, tokens = 0.0, 0.0, 0
     for rep in range(int(sys.argv[1])):
         w, c = time.perf_counter(), time.process_time()
-        g = generate(model, prompt, new, temperature=temperature, generator=torch.Generator().manual_seed(rep))
+        g = generate(model, prompt, new, temperature=temperature, generator=torch.Generator().manual_seed(rep), **kw)
         wall, cpu, tokens = wall + time.perf_counter() - w, cpu + time.process_time() - c, tokens + g.tokens.shape[1]
     out[name] = {"wall": tokens / wall, "cpu": tokens / cpu}
 print(json.dumps(out))
 """
 
 
-def run_side(path: Path, runs: int) -> dict:
+def run_side(path: Path, runs: int, mode: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(runs)], env=env, capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", CHILD, str(runs), mode]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -68,26 +75,31 @@ def main() -> None:
         archive = subprocess.run(command, cwd=ROOT, capture_output=True, check=True)
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(tmp, filter="data")
-        results: dict[str, list[dict]] = {"baseline": [], "current": []}
+        sides = {"baseline": (Path(tmp), "eager"), "eager": (ROOT, "eager"), "compiled": (ROOT, "compiled")}
+        results: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.repeats):
-            results["baseline"].append(run_side(Path(tmp), args.runs))
-            results["current"].append(run_side(ROOT, args.runs))
+            for side, (path, mode) in sides.items():
+                results[side].append(run_side(path, args.runs, mode))
     load = os.getloadavg()[0]
-    print(f"batch-1 decode, demo shape, 1 thread; load average {load:.2f} at the end; medians of {args.repeats}")
-    print("| mode | baseline tok/s (wall / CPU) | current tok/s (wall / CPU) | ratio (wall / CPU) |")
-    print("|---|---|---|---|")
+    print(f"batch-1 decode, demo shape, 1 thread; load average {load_before:.2f} before, {load:.2f} at the end; "
+          f"medians of {args.repeats}; tokens/s wall / CPU")  # fmt: skip
+    print(f"| mode | baseline {args.baseline} | eager | compiled | eager / baseline | compiled / baseline |")
+    print("|---|---|---|---|---|---|")
     for mode in ("sampled", "greedy"):
         med = {
-            side: {k: statistics.median(r[mode][k] for r in rows) for k in ("wall", "cpu")}
-            for side, rows in results.items()
+            side: {k: statistics.median(r[mode][k] for r in runs) for k in ("wall", "cpu")}
+            for side, runs in results.items()
         }
-        b, c = med["baseline"], med["current"]
+        b, e, c = med["baseline"], med["eager"], med["compiled"]
         print(
-            f"| {mode} | {b['wall']:.0f} / {b['cpu']:.0f} | {c['wall']:.0f} / {c['cpu']:.0f} | "
-            f"{c['wall'] / b['wall']:.2f}× / {c['cpu'] / b['cpu']:.2f}× |"
+            f"| {mode} | {b['wall']:.0f} / {b['cpu']:.0f} | {e['wall']:.0f} / {e['cpu']:.0f} | "
+            f"{c['wall']:.0f} / {c['cpu']:.0f} | {e['wall'] / b['wall']:.2f}× | {c['wall'] / b['wall']:.2f}× |"
         )
-        rows.append(row(f"batch-1 {mode} decode, demo shape, 1 thread", c["wall"], "tokens/s", ">= 500"))
-        rows.append(row(f"batch-1 {mode} decode / baseline {args.baseline}", c["wall"] / b["wall"], "×"))
+        rows.append(row(f"batch-1 {mode} decode, compiled, demo shape, 1 thread", c["wall"], "tokens/s", ">= 500"))
+        rows.append(row(f"batch-1 {mode} decode, eager", e["wall"], "tokens/s"))
+        rows.append(row(f"batch-1 {mode} decode, compiled / baseline {args.baseline}", c["wall"] / b["wall"], "×"))
+    warm = statistics.median(r["warm_up_s"] for r in results["compiled"])
+    print(f"compiled side's first call (compile, or load from torch's compile cache): median {warm:.1f} s")
     write_json(args.json, "decode_speed", rows, load_before, 1)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model.attention import KVCache
 from nanoseek.model.generate import generate, sample_next
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=48)
@@ -59,6 +60,72 @@ def test_shared_prompt_prefill_gives_the_same_tokens_and_logprobs_in_float64(ext
     assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
     torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-12)
     assert len({tuple(r) for r in runs[0].tokens.tolist()}) > 3  # copies of a prompt sampled different tokens
+
+
+DECODE_SHAPES = {
+    "plain-gqa-qknorm": dict(n_heads=4, n_kv_heads=2, qk_norm=True),
+    "mhc-moe": dict(residual="mhc", ffn="moe", n_routed_experts=4, top_k=2, moe_dispatch="loop"),
+    "hc": dict(residual="hc"),
+}
+
+
+@pytest.mark.parametrize("extra", DECODE_SHAPES.values(), ids=DECODE_SHAPES.keys())
+@torch.no_grad()
+def test_the_fixed_shape_decode_step_equals_the_cached_forward_in_float64(extra):
+    """decode_step reads the whole fixed-size cache under a mask and returns the new keys and values; forward with
+    the cache attends to the filled slots only. Step by step, from left-padded prompts and a rotary offset, they give
+    the same logits, keys and values to float64 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**CFG.__dict__, **extra})).double().eval()
+    ids, pad = torch.zeros(3, 7, dtype=torch.long), torch.zeros(3, 7, dtype=torch.bool)
+    for i, p in enumerate(PROMPTS):
+        ids[i, 7 - len(p) :], pad[i, 7 - len(p) :] = torch.tensor(p), True
+    caches = [KVCache(model.cfg, 3, CFG.seq_len, dtype=torch.float64) for _ in range(2)]
+    for c in caches:
+        c.offset = 5  # as a server's cache after its slots moved
+        model(ids, cache=c, pad_mask=pad)
+    reference, fixed = caches
+    tokens = torch.tensor([3, 1, 4])
+    for _ in range(6):
+        want = model(tokens[:, None], cache=reference)[:, -1]
+        slot, position = torch.tensor(fixed.pos), torch.tensor(fixed.pos + fixed.offset)
+        got, k, v = model.decode_step(tokens, fixed.k, fixed.v, fixed.valid, slot, position)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(k, reference.k[:, :, :, fixed.pos : fixed.pos + 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(v, reference.v[:, :, :, fixed.pos : fixed.pos + 1], rtol=0, atol=1e-12)
+        fixed.k[:, :, :, fixed.pos : fixed.pos + 1], fixed.v[:, :, :, fixed.pos : fixed.pos + 1] = k, v
+        fixed.pos += 1
+        tokens = want.argmax(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra", [DECODE_SHAPES["plain-gqa-qknorm"], DECODE_SHAPES["mhc-moe"]], ids=["plain", "mhc-moe"]
+)
+def test_compiled_decoding_gives_the_same_tokens_as_eager(extra):
+    """generate(compile=True) runs the torch.compile'd step: the same tokens (greedy and seeded sampling, left-padded
+    prompts, rows ending early at a stop string) and log-probabilities as eager decoding (a float64 model)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**CFG.__dict__, **extra})).double().eval()
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9)):
+        runs = [
+            generate(
+                model,
+                PROMPTS,
+                30,
+                generator=torch.Generator().manual_seed(3),
+                stop=("QQ",),
+                decode=letters,
+                compile=c,
+                **kwargs,
+            )  # fmt: skip
+            for c in (False, True)
+        ]
+        assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-6)  # (stored in float32)
+    # a second call, with other prompt lengths and batch size, reuses the compiled step and still agrees
+    again = [generate(model, [[9, 8, 7, 6, 5, 4, 3, 2]], 12, temperature=0.0, compile=c) for c in (False, True)]
+    assert torch.equal(again[0].tokens, again[1].tokens)
 
 
 def test_greedy_follows_the_argmax_and_ignores_left_padding(model):

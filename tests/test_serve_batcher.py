@@ -8,6 +8,7 @@ import torch
 from serving import single_thread  # noqa: F401 (autouse fixture)
 
 from nanoseek import ModelConfig, Transformer
+from nanoseek.model import generate as generate_module
 from nanoseek.model.generate import generate
 from nanoseek.serve.batcher import Batcher, Job, QueueFull, Sampling
 
@@ -32,11 +33,18 @@ def job(prompt, max_tokens, events, **kw):
     return Job(prompt, Sampling(max_tokens, temperature=0.0, **kw), lambda kind, v: events.append((kind, v)))
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @torch.no_grad()
-def test_rows_joining_at_different_steps_decode_as_they_would_alone(model):
+def test_rows_joining_at_different_steps_decode_as_they_would_alone(model, compile, monkeypatch):
     """Prompts of different lengths join a running batch over 100+ steps: shorter ones (aligned right), a longer
-    one (every row shifts right) and enough steps that unused columns are trimmed from the left."""
-    b = Batcher(model, letters, max_batch=4)
+    one (every row shifts right) and enough steps that unused columns are trimmed from the left. Compiled, the
+    batch decodes with the fixed-shape step over the whole cache (its batch size changing as rows come and go)."""
+    if compile and model.cfg.residual != "plain":
+        pytest.skip("the compiled step of mhc-moe is checked in test_generate.py; one compile here is enough")
+    compiled_steps = []
+    compiled_step = generate_module.compiled_decode_step
+    monkeypatch.setattr(generate_module, "compiled_decode_step", lambda m: compiled_steps.append(1) or compiled_step(m))
+    b = Batcher(model, letters, max_batch=4, compile=compile)
     moves = []  # (slots trimmed from the left, shift right) of every rebuild of the cache
     original = b.batch._move
 
@@ -59,6 +67,7 @@ def test_rows_joining_at_different_steps_decode_as_they_would_alone(model):
         if not b.running and not b.waiting and step > max(plan):
             break
     assert any(shift > 0 for _, shift in moves) and any(trim > 0 for trim, _ in moves)
+    assert bool(compiled_steps) == compile and len(compiled_steps) in (0, b.steps)
     for p, j in zip(prompts, jobs, strict=True):
         alone = generate(model, [p], j.sampling.max_tokens, temperature=0)
         assert j.text.ids == alone.tokens[0].tolist(), f"prompt of {len(p)} tokens"

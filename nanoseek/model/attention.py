@@ -55,6 +55,19 @@ class KVCache:
         return attention_mask(self.valid[:, :end], self.pos)
 
 
+class DecodeSlots:
+    """A KV cache as one fixed-shape decode step (``Transformer.decode_step``) sees it: read-only k, v
+    (L, B, H_kv, T_max, D) and ``mask`` (B, 1, 1, T_max), True for the filled, real slots. The new token attends to
+    those and to itself; its key and value are collected in ``new_k``, ``new_v`` (one (B, H_kv, 1, D) per layer) for
+    the caller to write into the cache. No shape depends on how far decoding has got, and the graph never writes to
+    its inputs, so torch.compile compiles the step once and copies nothing."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+        self.k, self.v, self.mask = k, v, mask
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+
 def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
     """Boolean mask (B, 1, T_q, T_k) for queries at positions start.. that may see key j when j <= query position
     and key j is real. Each query also sees itself, so a padding query never has an empty row (which would give NaN).
@@ -81,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | DecodeSlots | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x: (B, T, C); rope: (2, T, D/2); mask: (B, 1, T, T_k) bool or None for plain causal attention
@@ -89,6 +102,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H_kv, T, D) each
         q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
+        if isinstance(cache, DecodeSlots):
+            return self.proj(self._decode_attention(q, k, v, cache).transpose(1, 2).reshape(b, t, -1))
         if cache is not None:
             end = cache.pos + t
             cache.k[self.layer_index, :, :, cache.pos : end] = k
@@ -100,3 +115,39 @@ class CausalSelfAttention(nn.Module):
         causal = mask is None and (cache is None or cache.pos == 0)
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and t > 1)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode_attention(self, q, k, v, slots: DecodeSlots) -> torch.Tensor:
+        """softmax(q·[K; k]ᵀ/√D)·[V; v] for one query per row: the cached keys K under the mask, then the new key k
+        (always seen). Written out rather than SDPA: compiled, it fuses into a few loops with no fixed kernel cost.
+        q: (B, H, 1, D); k, v: (B, H_kv, 1, D) -> (B, H, 1, D)."""
+        cache_k, cache_v = slots.k[self.layer_index], slots.v[self.layer_index]  # (B, H_kv, T_max, D)
+        slots.new_k.append(k)
+        slots.new_v.append(v)
+        if self.kv_heads != self.n_heads:
+            group = self.n_heads // self.kv_heads
+            cache_k, cache_v = cache_k.repeat_interleave(group, 1), cache_v.repeat_interleave(group, 1)
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scale = self.head_dim**-0.5
+        scores = (q @ cache_k.to(q.dtype).transpose(-1, -2)) * scale  # (B, H, 1, T_max)
+        scores = scores.masked_fill(~slots.mask, float("-inf"))
+        own = (q * k.to(q.dtype)).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
+        weights = torch.cat((scores, own), dim=-1).softmax(-1)
+        return weights[..., :-1] @ cache_v.to(q.dtype) + weights[..., -1:] * v.to(q.dtype)
+
+    def _decode_attention(self, q, k, v, slots: DecodeSlots) -> torch.Tensor:
+        """softmax(q·[K; k]ᵀ/√D)·[V; v] for one query per row: the cached keys K under the mask, then the new key k
+        (always seen). Written out rather than SDPA: compiled, it fuses into a few loops with no fixed kernel cost.
+        q: (B, H, 1, D); k, v: (B, H_kv, 1, D) -> (B, H, 1, D)."""
+        cache_k, cache_v = slots.k[self.layer_index], slots.v[self.layer_index]  # (B, H_kv, T_max, D)
+        slots.new_k.append(k)
+        slots.new_v.append(v)
+        if self.kv_heads != self.n_heads:
+            group = self.n_heads // self.kv_heads
+            cache_k, cache_v = cache_k.repeat_interleave(group, 1), cache_v.repeat_interleave(group, 1)
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scale = self.head_dim**-0.5
+        scores = (q @ cache_k.to(q.dtype).transpose(-1, -2)) * scale  # (B, H, 1, T_max)
+        scores = scores.masked_fill(~slots.mask, float("-inf"))
+        own = (q * k.to(q.dtype)).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
+        weights = torch.cat((scores, own), dim=-1).softmax(-1)
+        return weights[..., :-1] @ cache_v.to(q.dtype) + weights[..., -1:] * v.to(q.dtype)

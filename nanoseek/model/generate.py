@@ -12,6 +12,7 @@ renormalise, draw (by the exponential-race form of the Gumbel-max trick). Temper
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,9 +48,11 @@ def sample_next(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (B, V) -> (tokens (B,), log-probabilities (B,)) as described in Generation.logprobs."""
+    """logits: (B, V) -> (tokens (B,), log-probabilities (B,)) as described in Generation.logprobs. ``generator``
+    may be one generator per row (a server's requests, each seeded): row i then draws from generator[i] exactly
+    what it would draw sampled alone."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -65,9 +68,43 @@ def sample_next(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     logp = torch.log_softmax(logits, -1)  # (B, V)
     # argmax of p / E with E ~ Exp(1) i.i.d. is a sample from p; one draw per vocabulary entry and row, always
-    race = torch.empty_like(logp).exponential_(generator=generator)
+    if isinstance(generator, Sequence):
+        race = torch.stack([torch.empty_like(logp[0]).exponential_(generator=g) for g in generator])
+    else:
+        race = torch.empty_like(logp).exponential_(generator=generator)
     tokens = (logp.exp() / race).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``model.decode_step`` under torch.compile, compiled on first use and kept for the model's lifetime. A new
+    batch size compiles once more (then the batch dimension is symbolic); positions never do."""
+    if model not in _COMPILED:
+        # guards on torch's own modules (Linear, RMSNorm, ...) are dropped: re-checking their attributes before every
+        # step cost a third of the step; parameters stay graph inputs, so updated weights are still seen
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
+        _COMPILED[model] = torch.compile(model.decode_step, options=options)
+    return _COMPILED[model]
+
+
+def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
+    """One decode step: tokens (B,) follow the cached positions -> the next logits (B, V); ``cache.pos`` advances by
+    one. Eager: the model's forward with the cache. ``compile``: the compiled fixed-shape step, which reads the
+    cache and returns the new keys and values, written here."""
+    if not compile:
+        return model(tokens[:, None], cache=cache)[:, -1]
+    c = cache
+    if c.pos >= c.max_len:
+        raise ValueError(f"KV cache is full: {c.pos + 1} positions needed, max_len={c.max_len}")
+    slot, position = torch.tensor(c.pos, device=c.k.device), torch.tensor(c.pos + c.offset, device=c.k.device)
+    logits, k, v = compiled_decode_step(model)(tokens.contiguous(), c.k, c.v, c.valid, slot, position)
+    c.k[:, :, :, c.pos : c.pos + 1] = k
+    c.v[:, :, :, c.pos : c.pos + 1] = v
+    c.pos += 1
+    return logits
 
 
 @torch.no_grad()
@@ -85,6 +122,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     share_prompts: bool = True,
+    compile: bool = False,
     pad_id: int = 0,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
@@ -96,7 +134,10 @@ def generate(
     trained). ``use_cache=False`` recomputes the whole sequence every step: slow, kept as the reference the cached
     path is tested against. With ``share_prompts`` (and the cache), identical prompts — a GRPO group's G copies —
     are prefilled once and their cache rows copied to every row that repeats them; the tokens are the same as
-    without it (tested)."""
+    without it (tested). ``compile`` decodes with the torch.compile'd fixed-shape step (``Transformer.decode_step``):
+    the first call compiles (tens of seconds), later ones decode several times faster than eager PyTorch, whose
+    per-operation overhead dominates a small model's decode step; the cache then spans the model's whole seq_len so
+    that its shape is the same for every call."""
     require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts", "…", "expected non-empty token lists")
     require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "expected >= 1")
     require(temperature >= 0, "temperature", temperature, "expected >= 0 (0 is greedy)")
@@ -120,18 +161,19 @@ def generate(
 
     dtype = next(model.parameters()).dtype
     cache = None
+    cache_len = seq_len if compile else longest + max_new_tokens
     if use_cache:
         distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt -> its index among the distinct ones
         rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts] if share_prompts else []
         if share_prompts and len(distinct) < b:  # prefill every distinct prompt once, then copy its cache rows
             first = torch.tensor([rows.index(i) for i in range(len(distinct))], device=device)
-            cache = KVCache(model.cfg, len(distinct), longest + max_new_tokens, device, dtype)
+            cache = KVCache(model.cfg, len(distinct), cache_len, device, dtype)
             logits = model(seq[first], cache=cache, pad_mask=pad_mask[first])[:, -1]
             expand = torch.tensor(rows, device=device)
             logits = logits[expand]  # (B, V)
             cache.k, cache.v, cache.valid = cache.k[:, expand], cache.v[:, expand], cache.valid[expand]
         else:
-            cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype)
+            cache = KVCache(model.cfg, b, cache_len, device, dtype)
             logits = model(seq, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
     else:
         logits = model(seq, pad_mask=pad_mask)[:, -1]
@@ -145,7 +187,8 @@ def generate(
     for t in range(max_new_tokens):
         nxt, lp = sample_next(logits, temperature, top_k, top_p, generator)
         live = ~done
-        tokens[:, t] = torch.where(live, nxt, pad_id)
+        step_tokens = torch.where(live, nxt, pad_id)  # (B,) contiguous: the compiled step's input
+        tokens[:, t] = step_tokens
         logprobs[:, t] = torch.where(live, lp, 0.0)
         mask[:, t] = live
         ended = live & (nxt == eos_id) if eos_id is not None else torch.zeros_like(live)
@@ -158,7 +201,7 @@ def generate(
         if bool(done.all()) or steps == max_new_tokens:
             break
         if cache is not None:
-            logits = model(tokens[:, t : t + 1], cache=cache)[:, -1]
+            logits = decode_next(model, cache, step_tokens, compile)
         else:
             full = torch.cat([seq, tokens[:, :steps]], dim=1)
             full_mask = torch.cat([pad_mask, torch.ones(b, steps, dtype=torch.bool, device=device)], dim=1)

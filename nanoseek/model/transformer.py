@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nanoseek.model.attention import CausalSelfAttention, KVCache, attention_mask, rotary_tables
+from nanoseek.model.attention import CausalSelfAttention, DecodeSlots, KVCache, attention_mask, rotary_tables
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import make_ffn
 from nanoseek.model.moe import MoE
@@ -158,6 +158,34 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += t
         return self.norm(self.collapse(x))
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        slot: torch.Tensor,
+        position: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row over a KV cache of fixed size: tokens (B,) going to cache slot ``slot`` with rotary
+        position ``position`` (0-dim long tensors); k, v (L, B, H_kv, T_max, D) and valid (B, T_max) are a KVCache's
+        tensors, read only. Returns the next logits (B, vocab) and the new keys and values (L, B, H_kv, 1, D) for
+        the caller to write at ``slot`` (``generate.Decoder`` does). The same numbers as ``forward`` with that cache,
+        up to float rounding, but no shape depends on the position, so torch.compile compiles it once for a whole
+        generation and every later one (``generate(compile=True)``)."""
+        filled = torch.arange(valid.shape[1], device=valid.device) < slot
+        mask = (valid & filled)[:, None, None, :]  # (B, 1, 1, T_max): the real slots before this one
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / self.cfg.rope_base ** (torch.arange(0, hd, 2, device=tokens.device, dtype=torch.float32) / hd)
+        angles = position.view(1, 1).float() * inv_freq  # (1, D/2): rotary_tables at this one position
+        rope = torch.stack((angles.cos(), angles.sin()))
+        slots = DecodeSlots(k, v, mask)
+        x = self.residual_kind.expand(self.embed(tokens[:, None]), self.cfg)
+        for block in self.blocks:
+            x = block(x, rope=rope, cache=slots)
+        logits = self.lm_head(self.norm(self.collapse(x)))[:, -1]
+        return logits, torch.stack(slots.new_k), torch.stack(slots.new_v)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) -> logits (..., vocab)."""

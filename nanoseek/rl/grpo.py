@@ -262,7 +262,7 @@ class GRPO:
                 self.model, self.tokenizer, problems, self.rewards, group_size=c.group_size,
                 max_new_tokens=self.task.max_new_tokens, template=self.task.template, temperature=c.temperature,
                 top_k=c.top_k, top_p=c.top_p, stop=self.task.stop, generator=self.generator,
-                share_prompts=c.share_prompt,
+                share_prompts=c.share_prompt, compile=self.engine.cfg.compile,
             )  # fmt: skip
         self.model.train(was_training)
         return rollout

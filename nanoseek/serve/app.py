@@ -58,6 +58,8 @@ class ServeOptions:
     max_messages: int = 256
     cors_origins: tuple[str, ...] = ()
     """Origins allowed to call the API from a browser page of theirs (none by default)."""
+    compile: bool = False
+    """Decode with the torch.compile'd step (compiled while /health says 503; ``nanoseek serve`` turns it on)."""
 
 
 class Server:
@@ -82,12 +84,26 @@ class Server:
             self.model_id = self.options.model_name or loaded.folder.parent.name
             o = self.options
             batcher = Batcher(loaded.model, loaded.tokenizer.decode, max_batch=o.max_batch, max_queue=o.max_queue,
-                              meter=self.meter, log=self.log)  # fmt: skip
+                              compile=o.compile, meter=self.meter, log=self.log)  # fmt: skip
+            if o.compile:
+                self._compile(batcher)
             self.batcher, self.loaded = batcher.start(), loaded
             self.log(f"nanoseek serve: model {self.model_id!r} ready ({self.format.name} prompts)")
         except Exception as err:  # reported by /health and every route; the process keeps answering
             self.error = f"{type(err).__name__}: {err}"
             self.log(f"nanoseek serve: error: could not load the model: {self.error}")
+
+    def _compile(self, batcher: Batcher) -> None:
+        t0 = time.perf_counter()
+        try:
+            batcher.warm_up()
+        except Exception as err:  # no C++ compiler, an unsupported device, ...: serve, slower, and say why
+            batcher.compile = batcher.batch.compile = False
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.log(f"nanoseek serve: warning: could not compile the decode step ({type(err).__name__}: {first}); "
+                     "decoding eagerly (start with --no-compile to skip the attempt)")  # fmt: skip
+            return
+        self.log(f"nanoseek serve: decode step compiled in {time.perf_counter() - t0:.0f} s")
 
     def require_model(self, name: str | None) -> None:
         if self.loaded is None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.model.attention import KVCache
-from nanoseek.model.generate import sample_next
+from nanoseek.model.generate import decode_next, sample_next
 from nanoseek.serve.reasoning import TextStream
 
 
@@ -102,8 +102,8 @@ class Job:
 class RunningBatch:
     """The rows being decoded: their KV cache (L, B, H_kv, capacity, D) and the logits of their next token."""
 
-    def __init__(self, model: torch.nn.Module, capacity: int):
-        self.model, self.capacity = model, capacity
+    def __init__(self, model: torch.nn.Module, capacity: int, compile: bool = False):
+        self.model, self.capacity, self.compile = model, capacity, compile
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None  # (B, V)
 
@@ -149,7 +149,7 @@ class RunningBatch:
         c = self.cache
         if c.pos + 1 > c.max_len:
             self._move(c.pos, 0)
-        self.logits = self.model(tokens[:, None].to(c.k.device), cache=c)[:, -1].float()
+        self.logits = decode_next(self.model, c, tokens.to(c.k.device), self.compile).float()
 
     def _move(self, pos: int, shift: int) -> None:
         """Trim columns no row uses from the left, then shift every row ``shift`` slots right; keys keep their
@@ -186,15 +186,16 @@ class Batcher:
         *,
         max_batch: int = 16,
         max_queue: int = 64,
+        compile: bool = False,
         meter=None,
         log: Callable[[str], None] = print,
     ):
         self.model, self.decode, self.meter, self.log = model, decode, meter, log
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.compile = max_batch, max_queue, compile
         self.seq_len = model.cfg.seq_len
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
-        self.batch = RunningBatch(model, 2 * self.seq_len)
+        self.batch = RunningBatch(model, 2 * self.seq_len, compile)
         self.wake = threading.Condition()
         self.step_lock = threading.Lock()  # held for every step: tests hold it to freeze generation
         self.stopping = False
@@ -254,7 +255,7 @@ class Batcher:
                 self.log(f"nanoseek serve: generation failed: {type(err).__name__}: {err}")
                 for job in self.running:
                     job.emit("error", f"generation failed: {type(err).__name__}")
-                self.running, self.batch = [], RunningBatch(self.model, 2 * self.seq_len)
+                self.running, self.batch = [], RunningBatch(self.model, 2 * self.seq_len, self.compile)
 
     def _step(self) -> None:
         self._drop([j for j in self.running if j.cancelled.is_set()])
@@ -268,21 +269,18 @@ class Batcher:
             self._prefill(new)
         if not self.running:
             return
-        tokens = torch.empty(len(self.running), dtype=torch.long)
+        tokens = self._sample()
         finished: dict[int, str] = {}
-        for i, job in enumerate(self.running):
-            s = job.sampling
-            token, _ = sample_next(self.batch.logits[i : i + 1], s.temperature, s.top_k, s.top_p, job.generator)
-            tokens[i] = token[0]
+        for i, (job, token) in enumerate(zip(self.running, tokens.tolist(), strict=True)):
             job.stats.completion_tokens += 1
-            text = job.text.push(int(token[0]))
+            text = job.text.push(token)
             if text:
                 if job.stats.first_token_s is None:
                     job.stats.first_token_s = time.perf_counter() - job.submitted
                 job.emit("text", text)
             if job.text.stopped:
                 finished[i] = "stop"
-            elif job.stats.completion_tokens >= s.max_tokens:
+            elif job.stats.completion_tokens >= job.sampling.max_tokens:
                 finished[i] = "length"
         self.tokens += len(self.running)
         for i, reason in finished.items():
@@ -298,6 +296,31 @@ class Batcher:
         if self.running:
             self._forward(self.running, lambda: self.batch.step(tokens[rows]), "decode_s")
             self.steps += 1
+
+    def _sample(self) -> torch.Tensor:
+        """One token per running row. Rows with the same temperature, top-k and top-p are sampled together, each
+        from its own job's generator (the same draw as alone: a seed's text does not depend on the batch)."""
+        groups: dict[tuple, list[int]] = collections.defaultdict(list)
+        for i, job in enumerate(self.running):
+            s = job.sampling
+            groups[(s.temperature, s.top_k, s.top_p)].append(i)
+        tokens = torch.empty(len(self.running), dtype=torch.long)
+        for (temperature, top_k, top_p), rows in groups.items():
+            index = torch.tensor(rows)
+            generators = [self.running[i].generator for i in rows]
+            tokens[index] = sample_next(self.batch.logits[index], temperature, top_k, top_p, generators)[0]
+        return tokens
+
+    def warm_up(self) -> None:
+        """Compile the decode step before serving (batch 1, then any batch size): the first requests would
+        otherwise wait for it."""
+        if not self.compile:
+            return
+        for rows in (1, 2):
+            batch = RunningBatch(self.model, 2 * self.seq_len, True)
+            with torch.no_grad():
+                batch.add([[0]] * rows)
+                batch.step(torch.zeros(rows, dtype=torch.long))
 
     def _prefill(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
