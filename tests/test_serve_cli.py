@@ -76,7 +76,7 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", str(port), "--grace", "20"]
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240  # the decode step is compiled before /health says 200
@@ -95,8 +95,8 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
         events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down cleanly
-        stderr = proc.stderr.read()
-        assert "Finished server process" in stderr and "decode step compiled in" in stderr
+        assert "Finished server process" in proc.stderr.read()
+        assert "decode step compiled in" in proc.stdout.read()
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health")
     finally:

@@ -100,7 +100,12 @@ def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, co
     if c.pos >= c.max_len:
         raise ValueError(f"KV cache is full: {c.pos + 1} positions needed, max_len={c.max_len}")
     slot, position = torch.tensor(c.pos, device=c.k.device), torch.tensor(c.pos + c.offset, device=c.k.device)
-    logits, k, v = compiled_decode_step(model)(tokens.contiguous(), c.k, c.v, c.valid, slot, position)
+    window = (c.k[:, :, :, : c.pos], c.v[:, :, :, : c.pos], c.valid[:, : c.pos])  # the filled slots only
+    for t in window:
+        torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t.dim() > 2 else 1)
+    tokens = tokens.contiguous()
+    torch._dynamo.maybe_mark_dynamic(tokens, 0)
+    logits, k, v = compiled_decode_step(model)(tokens, *window, slot, position)
     c.k[:, :, :, c.pos : c.pos + 1] = k
     c.v[:, :, :, c.pos : c.pos + 1] = v
     c.pos += 1

@@ -316,11 +316,12 @@ class Batcher:
         otherwise wait for it."""
         if not self.compile:
             return
-        for rows in (1, 2):
+        for rows in (1, 2, 3):  # batch sizes and cache lengths then vary without compiling again
             batch = RunningBatch(self.model, 2 * self.seq_len, True)
             with torch.no_grad():
-                batch.add([[0]] * rows)
-                batch.step(torch.zeros(rows, dtype=torch.long))
+                batch.add([[0] * (rows + 1)] * rows)
+                for _ in range(3):
+                    batch.step(torch.zeros(rows, dtype=torch.long))
 
     def _prefill(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
