@@ -4,8 +4,9 @@ Load: for 1, 4 and 16 concurrent streaming clients, each sends /v1/completions r
 tokens, temperature 1) one after another for ``--seconds``; prints aggregate tokens/s, time to first token and the
 time per token (p50 / p99: the gap between two chunks divided by the request's mean tokens per chunk, since a
 busy server sends several tokens in one chunk), the ratio of throughput to one client, and the generator's batch-1
-decode speed in this process (same model, one thread, the compiled step as the server uses it). The model is the demo preset's shape with random weights
-(decode speed does not depend on what was learned) unless ``--ckpt`` names one.
+decode speed in this process (same model, one thread, the compiled step the server uses; ``--no-compile`` serves
+eagerly). The model is the demo preset's shape with random weights (decode speed does not depend on what was
+learned) unless ``--ckpt`` names one.
 
 Soak (``--soak N``): N requests from 8 concurrent workers mixing valid chat and completions (streamed or not),
 malformed bodies, invalid parameters, oversized bodies and prompts, and streams the client abandons after a few
@@ -55,10 +56,10 @@ def demo_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def start_server(ckpt: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, threads: int, compile: bool = True) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", str(port),
-               "--log-level", "warning", "--max-queue", "256"]  # fmt: skip
+               "--log-level", "warning", "--max-queue", "256"] + ([] if compile else ["--no-compile"])  # fmt: skip
     proc = subprocess.Popen(command, env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -175,6 +176,11 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def server_errors(metrics: list[str]) -> int:
+    """5xx answers counted by the server's /metrics."""
+    return sum(int(line.split()[-1]) for line in metrics if 'status="5' in line)
+
+
 async def soak(url: str, pid: int, total: int, workers: int = 8) -> None:
     rng = random.Random(0)
     plan = [rng.choice(KINDS) for _ in range(total)]
@@ -190,6 +196,7 @@ async def soak(url: str, pid: int, total: int, workers: int = 8) -> None:
                 if done % 500 == 0:
                     memory.append((done, rss_mb(pid)))
 
+    errors_before = server_errors(httpx.get(url + "/metrics").text.splitlines())
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(workers)))
     health = httpx.get(url + "/health").status_code
@@ -199,7 +206,7 @@ async def soak(url: str, pid: int, total: int, workers: int = 8) -> None:
     print("answers by kind and status: " + ", ".join(f"{k}/{s}: {n}" for (k, s), n in sorted(statuses.items())))
     metrics = httpx.get(url + "/metrics").text.splitlines()
     cancelled = next(line.split()[-1] for line in metrics if line.startswith("nanoseek_requests_cancelled_total"))
-    errors = sum(int(line.split()[-1]) for line in metrics if 'status="5' in line)
+    errors = server_errors(metrics) - errors_before  # the /health 503s while the server loaded are not the soak's
     print(f"answered: {sum(statuses.values())} of {total}; /health after: {health}; 5xx answers: {errors}; "
           f"generations cancelled by the server: {cancelled}")  # fmt: skip
     if memory[-1][0] != total:
@@ -215,12 +222,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (clients use the other core)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak with N requests instead")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="serve with eager decoding")
     add_json_argument(ap)
     args = ap.parse_args()
     load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint(Path(tmp) / "demo-random")
-        proc = start_server(ckpt, args.port, args.threads)
+        proc = start_server(ckpt, args.port, args.threads, args.compile)
         url = f"http://127.0.0.1:{args.port}"
         try:
             if args.soak:
