@@ -77,7 +77,8 @@ class TrainConfig:
     dtype: str = "float32"
     """float32, or bfloat16 (autocast for the matmuls; weights, optimizer and residual coefficients stay fp32)."""
     compile: bool = False
-    """torch.compile the model (the first step's compile time is reported separately)."""
+    """torch.compile the model (the first step's compile time is reported separately); GRPO and on-policy
+    distillation also generate with the compiled decode step (``generate(compile=True)``)."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     parallel: str = "ddp"
