@@ -1,7 +1,7 @@
 """Batch-1 decode speed of the generator against a baseline commit's generator, measured in the same run.
 
 Three sides: the baseline commit's generator, this tree's eager generator, and this tree's compiled one
-(``generate(compile=True)``: the torch.compile'd fixed-shape decode step; its compile happens in a warm-up call
+(``generate(compile=True)``: the torch.compile'd decode step; its compile happens in a warm-up call
 before the clock starts and is reported apart).
 
 The model is the demo preset's shape (byte tokenizer, d_model 192, 4 layers, seq_len 128: 1.8M parameters) with

@@ -38,7 +38,7 @@ def job(prompt, max_tokens, events, **kw):
 def test_rows_joining_at_different_steps_decode_as_they_would_alone(model, compile, monkeypatch):
     """Prompts of different lengths join a running batch over 100+ steps: shorter ones (aligned right), a longer
     one (every row shifts right) and enough steps that unused columns are trimmed from the left. Compiled, the
-    batch decodes with the fixed-shape step over the whole cache (its batch size changing as rows come and go)."""
+    batch decodes with the compiled step (its batch size and cache length changing as rows come and go)."""
     if compile and model.cfg.residual != "plain":
         pytest.skip("the compiled step of mhc-moe is checked in test_generate.py; one compile here is enough")
     compiled_steps = []

@@ -56,11 +56,12 @@ class KVCache:
 
 
 class DecodeSlots:
-    """A KV cache as one fixed-shape decode step (``Transformer.decode_step``) sees it: read-only k, v
+    """A KV cache as one compiled decode step (``Transformer.decode_step``) sees it: read-only k, v
     (L, B, H_kv, T_max, D) and ``mask`` (B, 1, 1, T_max), True for the filled, real slots. The new token attends to
     those and to itself; its key and value are collected in ``new_k``, ``new_v`` (one (B, H_kv, 1, D) per layer) for
-    the caller to write into the cache. No shape depends on how far decoding has got, and the graph never writes to
-    its inputs, so torch.compile compiles the step once and copies nothing."""
+    the caller to write into the cache. No Python number changes from step to step, and the graph never writes to
+    its inputs, so torch.compile compiles the step once (the cache's length and batch size as dynamic dimensions)
+    and copies nothing."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
         self.k, self.v, self.mask = k, v, mask

@@ -92,8 +92,8 @@ def compiled_decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
 
 def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """One decode step: tokens (B,) follow the cached positions -> the next logits (B, V); ``cache.pos`` advances by
-    one. Eager: the model's forward with the cache. ``compile``: the compiled fixed-shape step, which reads the
-    cache and returns the new keys and values, written here."""
+    one. Eager: the model's forward with the cache. ``compile``: the compiled step over the filled slots, which
+    reads the cache and returns the new keys and values, written here."""
     if not compile:
         return model(tokens[:, None], cache=cache)[:, -1]
     c = cache
@@ -139,7 +139,7 @@ def generate(
     trained). ``use_cache=False`` recomputes the whole sequence every step: slow, kept as the reference the cached
     path is tested against. With ``share_prompts`` (and the cache), identical prompts — a GRPO group's G copies —
     are prefilled once and their cache rows copied to every row that repeats them; the tokens are the same as
-    without it (tested). ``compile`` decodes with the torch.compile'd fixed-shape step (``Transformer.decode_step``):
+    without it (tested). ``compile`` decodes with the torch.compile'd step (``Transformer.decode_step``):
     the first call compiles (tens of seconds), later ones decode several times faster than eager PyTorch, whose
     per-operation overhead dominates a small model's decode step; the cache then spans the model's whole seq_len so
     that its shape is the same for every call."""

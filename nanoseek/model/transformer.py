@@ -168,12 +168,12 @@ class Transformer(nn.Module):
         slot: torch.Tensor,
         position: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token per row over a KV cache of fixed size: tokens (B,) going to cache slot ``slot`` with rotary
-        position ``position`` (0-dim long tensors); k, v (L, B, H_kv, T_max, D) and valid (B, T_max) are a KVCache's
-        tensors, read only. Returns the next logits (B, vocab) and the new keys and values (L, B, H_kv, 1, D) for
-        the caller to write at ``slot`` (``generate.Decoder`` does). The same numbers as ``forward`` with that cache,
-        up to float rounding, but no shape depends on the position, so torch.compile compiles it once for a whole
-        generation and every later one (``generate(compile=True)``)."""
+        """One token per row over a KV cache given as tensors: tokens (B,) going to cache slot ``slot`` with rotary
+        position ``position`` (0-dim long tensors); k, v (L, B, H_kv, T, D) and valid (B, T) are a KVCache's tensors
+        (all T_max slots, or only the T = slot filled ones), read only. Returns the next logits (B, vocab) and the
+        new keys and values (L, B, H_kv, 1, D) for the caller to write at ``slot`` (``generate.decode_next`` does).
+        The same numbers as ``forward`` with that cache, up to float rounding, but the position is a tensor, not a
+        Python int, so torch.compile compiles it once for a whole generation and every later one."""
         filled = torch.arange(valid.shape[1], device=valid.device) < slot
         mask = (valid & filled)[:, None, None, :]  # (B, 1, 1, T_max): the real slots before this one
         hd = self.cfg.head_dim
