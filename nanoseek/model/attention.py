@@ -12,9 +12,14 @@ from nanoseek.model.config import ModelConfig
 
 def rotary_tables(head_dim: int, start: int, length: int, base: float, device: torch.device) -> torch.Tensor:
     """cos and sin for positions start .. start+length-1, stacked: (2, length, head_dim / 2), float32."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    t = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    angles = torch.outer(t, inv_freq)
+    return rotary_at(head_dim, torch.arange(start, start + length, device=device), base)
+
+
+def rotary_at(head_dim: int, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """cos and sin for the positions (P,) given as a tensor (so a compiled step does not specialise on them):
+    (2, P, head_dim / 2), float32."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq
     return torch.stack((angles.cos(), angles.sin()))
 
 
@@ -110,9 +115,7 @@ class CausalSelfAttention(nn.Module):
             cache.k[self.layer_index, :, :, cache.pos : end] = k
             cache.v[self.layer_index, :, :, cache.pos : end] = v
             k, v = cache.k[self.layer_index, :, :, :end], cache.v[self.layer_index, :, :, :end]
-        if self.kv_heads != self.n_heads:
-            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+        k, v = self._repeat_kv(k, v)
         causal = mask is None and (cache is None or cache.pos == 0)
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and t > 1)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -124,10 +127,7 @@ class CausalSelfAttention(nn.Module):
         cache_k, cache_v = slots.k[self.layer_index], slots.v[self.layer_index]  # (B, H_kv, T_max, D)
         slots.new_k.append(k)
         slots.new_v.append(v)
-        if self.kv_heads != self.n_heads:
-            group = self.n_heads // self.kv_heads
-            cache_k, cache_v = cache_k.repeat_interleave(group, 1), cache_v.repeat_interleave(group, 1)
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        cache_k, cache_v, k, v = self._repeat_kv(cache_k, cache_v, k, v)
         scale = self.head_dim**-0.5
         scores = (q @ cache_k.to(q.dtype).transpose(-1, -2)) * scale  # (B, H, 1, T_max)
         scores = scores.masked_fill(~slots.mask, float("-inf"))
@@ -135,20 +135,9 @@ class CausalSelfAttention(nn.Module):
         weights = torch.cat((scores, own), dim=-1).softmax(-1)
         return weights[..., :-1] @ cache_v.to(q.dtype) + weights[..., -1:] * v.to(q.dtype)
 
-    def _decode_attention(self, q, k, v, slots: DecodeSlots) -> torch.Tensor:
-        """softmax(q·[K; k]ᵀ/√D)·[V; v] for one query per row: the cached keys K under the mask, then the new key k
-        (always seen). Written out rather than SDPA: compiled, it fuses into a few loops with no fixed kernel cost.
-        q: (B, H, 1, D); k, v: (B, H_kv, 1, D) -> (B, H, 1, D)."""
-        cache_k, cache_v = slots.k[self.layer_index], slots.v[self.layer_index]  # (B, H_kv, T_max, D)
-        slots.new_k.append(k)
-        slots.new_v.append(v)
-        if self.kv_heads != self.n_heads:
-            group = self.n_heads // self.kv_heads
-            cache_k, cache_v = cache_k.repeat_interleave(group, 1), cache_v.repeat_interleave(group, 1)
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        scale = self.head_dim**-0.5
-        scores = (q @ cache_k.to(q.dtype).transpose(-1, -2)) * scale  # (B, H, 1, T_max)
-        scores = scores.masked_fill(~slots.mask, float("-inf"))
-        own = (q * k.to(q.dtype)).sum(-1, keepdim=True) * scale  # (B, H, 1, 1)
-        weights = torch.cat((scores, own), dim=-1).softmax(-1)
-        return weights[..., :-1] @ cache_v.to(q.dtype) + weights[..., -1:] * v.to(q.dtype)
+    def _repeat_kv(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Grouped-query attention: each of the H_kv key / value heads serves H / H_kv query heads, (B, H_kv, T, D)
+        -> (B, H, T, D); unchanged when H_kv = H."""
+        if self.kv_heads == self.n_heads:
+            return tensors
+        return tuple(x.repeat_interleave(self.n_heads // self.kv_heads, dim=1) for x in tensors)

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nanoseek.model.attention import CausalSelfAttention, DecodeSlots, KVCache, attention_mask, rotary_tables
+from nanoseek.model.attention import (
+    CausalSelfAttention,
+    DecodeSlots,
+    KVCache,
+    attention_mask,
+    rotary_at,
+    rotary_tables,
+)
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import make_ffn
 from nanoseek.model.moe import MoE
@@ -176,10 +183,7 @@ class Transformer(nn.Module):
         Python int, so torch.compile compiles it once for a whole generation and every later one."""
         filled = torch.arange(valid.shape[1], device=valid.device) < slot
         mask = (valid & filled)[:, None, None, :]  # (B, 1, 1, T_max): the real slots before this one
-        hd = self.cfg.head_dim
-        inv_freq = 1.0 / self.cfg.rope_base ** (torch.arange(0, hd, 2, device=tokens.device, dtype=torch.float32) / hd)
-        angles = position.view(1, 1).float() * inv_freq  # (1, D/2): rotary_tables at this one position
-        rope = torch.stack((angles.cos(), angles.sin()))
+        rope = rotary_at(self.cfg.head_dim, position.view(1), self.cfg.rope_base)  # (2, 1, D/2)
         slots = DecodeSlots(k, v, mask)
         x = self.residual_kind.expand(self.embed(tokens[:, None]), self.cfg)
         for block in self.blocks:
