@@ -1,7 +1,8 @@
 """Load and soak of `nanoseek serve` on 127.0.0.1 (bounded in requests and time; loopback only).
 
 Load: for 1, 4 and 16 concurrent streaming clients, each sends /v1/completions requests (a short prompt, 64 new
-tokens, temperature 1) one after another for ``--seconds``; prints aggregate tokens/s, time to first token and the
+tokens, temperature 1) one after another for ``--seconds`` (in two halves: the levels in order, then backwards, so
+a drift of the machine's speed does not tilt the ratios); prints aggregate tokens/s, time to first token and the
 time per token (p50 / p99: the gap between two chunks divided by the request's mean tokens per chunk, since a
 busy server sends several tokens in one chunk), the ratio of throughput to one client, and the generator's batch-1
 decode speed in this process (same model, one thread, the compiled step the server uses; ``--no-compile`` serves
@@ -95,7 +96,8 @@ async def stream_once(client: httpx.AsyncClient, url: str, seed: int) -> dict:
             "chunks": len(arrivals)}  # fmt: skip
 
 
-async def load_level(url: str, clients: int, seconds: float) -> dict:
+async def load_level(url: str, clients: int, seconds: float) -> tuple[list[dict], float]:
+    """The requests of ``clients`` concurrent clients over ``seconds``, and the wall time they took."""
     results, stop_at = [], time.perf_counter() + seconds
 
     async def client_loop(k: int) -> None:
@@ -107,13 +109,28 @@ async def load_level(url: str, clients: int, seconds: float) -> dict:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client_loop(k) for k in range(clients)))
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def summary(clients: int, parts: list[tuple[list[dict], float]]) -> dict:
+    results = [r for part, _ in parts for r in part]
+    wall = sum(w for _, w in parts)
     gaps = [g for r in results for g in r["per_token"]]
     ttft = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "tokens_per_s": tokens / wall, "ttft_p50": pct(ttft, 50),
             "ttft_p99": pct(ttft, 99), "gap_p50": pct(gaps, 50), "gap_p99": pct(gaps, 99),
             "per_chunk": tokens / sum(r["chunks"] for r in results)}  # fmt: skip
+
+
+def load_table(url: str, levels: list[int], seconds: float) -> list[dict]:
+    """Each level twice for half the time, in the order given and then backwards (1, 4, 16, 16, 4, 1): the
+    machine's speed drifts by tens of percent over minutes, and a drift that is linear in time then weighs on
+    every level alike instead of on the ratio."""
+    parts: dict[int, list] = collections.defaultdict(list)
+    for n in levels + levels[::-1]:
+        parts[n].append(asyncio.run(load_level(url, n, seconds / 2)))
+    return [summary(n, parts[n]) for n in levels]
 
 
 def batch1_decode(ckpt: Path) -> float:
@@ -236,7 +253,7 @@ def main() -> None:
                 print(f"server process {proc.pid} still running: {proc.poll() is None}")
                 return
             asyncio.run(load_level(url, 1, 2.0))  # warm-up
-            rows = [asyncio.run(load_level(url, n, args.seconds)) for n in args.clients]
+            rows = load_table(url, args.clients, args.seconds)
         finally:
             proc.terminate()
             proc.wait(30)

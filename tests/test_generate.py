@@ -71,20 +71,24 @@ DECODE_SHAPES = {
 
 @pytest.mark.parametrize("extra", DECODE_SHAPES.values(), ids=DECODE_SHAPES.keys())
 @torch.no_grad()
-def test_the_fixed_shape_decode_step_equals_the_cached_forward_in_float64(extra):
-    """decode_step reads the whole fixed-size cache under a mask and returns the new keys and values; forward with
-    the cache attends to the filled slots only. Step by step, from left-padded prompts and a rotary offset, they give
-    the same logits, keys and values to float64 rounding."""
+def test_the_prefill_and_decode_steps_equal_the_cached_forward_in_float64(extra):
+    """prefill_step (left-padded prompts into an empty cache, returning keys and values) and decode_step (one token
+    over the cache's slots under a mask, returning the new key and value) are what torch.compile compiles; forward
+    with a KVCache is the reference. From left-padded prompts and a rotary offset, then step by step, they give the
+    same logits, keys and values to float64 rounding."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**CFG.__dict__, **extra})).double().eval()
     ids, pad = torch.zeros(3, 7, dtype=torch.long), torch.zeros(3, 7, dtype=torch.bool)
     for i, p in enumerate(PROMPTS):
         ids[i, 7 - len(p) :], pad[i, 7 - len(p) :] = torch.tensor(p), True
-    caches = [KVCache(model.cfg, 3, CFG.seq_len, dtype=torch.float64) for _ in range(2)]
-    for c in caches:
-        c.offset = 5  # as a server's cache after its slots moved
-        model(ids, cache=c, pad_mask=pad)
-    reference, fixed = caches
+    reference, fixed = (KVCache(model.cfg, 3, CFG.seq_len, dtype=torch.float64) for _ in range(2))
+    reference.offset = fixed.offset = 5  # as a server's cache after its slots moved
+    want = model(ids, cache=reference, pad_mask=pad)[:, -1]
+    got, k, v = model.prefill_step(ids, pad, torch.tensor(5))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(k, reference.k[:, :, :, :7], rtol=0, atol=1e-12)
+    torch.testing.assert_close(v, reference.v[:, :, :, :7], rtol=0, atol=1e-12)
+    fixed.k[:, :, :, :7], fixed.v[:, :, :, :7], fixed.valid[:, :7], fixed.pos = k, v, pad, 7
     tokens = torch.tensor([3, 1, 4])
     for _ in range(6):
         want = model(tokens[:, None], cache=reference)[:, -1]

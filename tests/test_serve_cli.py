@@ -76,16 +76,20 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", str(port), "--grace", "20"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the server's output goes to files: a pipe nobody reads while the test waits fills up (an access-log line per
+    # /health poll during the compile) and then blocks the server's event loop on its next write
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240  # the decode step is compiled before /health says 200
+        deadline = time.monotonic() + 240  # the prefill and decode steps are compiled before /health says 200
         while time.monotonic() < deadline:
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.2)
         body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 500, "seed": 1}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -95,8 +99,8 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
         events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down cleanly
-        assert "Finished server process" in proc.stderr.read()
-        assert "decode step compiled in" in proc.stdout.read()
+        assert "Finished server process" in (tmp_path / "stderr").read_text()
+        assert "prefill and decode steps compiled in" in (tmp_path / "stdout").read_text()
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health")
     finally:

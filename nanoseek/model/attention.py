@@ -74,6 +74,16 @@ class DecodeSlots:
         self.new_v: list[torch.Tensor] = []
 
 
+class NewKeys:
+    """What a compiled prefill (``Transformer.prefill_step``) passes as its cache: the prompt attends to itself
+    only (an empty cache), and each layer's keys and values are collected in ``new_k``, ``new_v`` (one
+    (B, H_kv, T, D) per layer) for the caller to write into a KVCache."""
+
+    def __init__(self):
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+
 def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
     """Boolean mask (B, 1, T_q, T_k) for queries at positions start.. that may see key j when j <= query position
     and key j is real. Each query also sees itself, so a padding query never has an empty row (which would give NaN).
@@ -100,7 +110,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: torch.Tensor,
-        cache: KVCache | DecodeSlots | None = None,
+        cache: KVCache | DecodeSlots | NewKeys | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x: (B, T, C); rope: (2, T, D/2); mask: (B, 1, T, T_k) bool or None for plain causal attention
@@ -110,6 +120,10 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
         if isinstance(cache, DecodeSlots):
             return self.proj(self._decode_attention(q, k, v, cache).transpose(1, 2).reshape(b, t, -1))
+        if isinstance(cache, NewKeys):
+            cache.new_k.append(k)
+            cache.new_v.append(v)
+            cache = None
         if cache is not None:
             end = cache.pos + t
             cache.k[self.layer_index, :, :, cache.pos : end] = k

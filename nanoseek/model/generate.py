@@ -68,7 +68,9 @@ def sample_next(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     logp = torch.log_softmax(logits, -1)  # (B, V)
     # argmax of p / E with E ~ Exp(1) i.i.d. is a sample from p; one draw per vocabulary entry and row, always
-    if isinstance(generator, Sequence):
+    if isinstance(generator, Sequence) and len(generator) == 1:
+        race = torch.empty_like(logp).exponential_(generator=generator[0])  # the same draws as the stack below
+    elif isinstance(generator, Sequence):
         race = torch.stack([torch.empty_like(logp[0]).exponential_(generator=g) for g in generator])
     else:
         race = torch.empty_like(logp).exponential_(generator=generator)
@@ -82,12 +84,43 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """``model.decode_step`` under torch.compile, compiled on first use and kept for the model's lifetime. A new
     batch size compiles once more (then the batch dimension is symbolic); positions never do."""
-    if model not in _COMPILED:
+    return _compiled(model, "decode_step")
+
+
+def compiled_prefill_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``model.prefill_step`` under torch.compile, kept like ``compiled_decode_step``."""
+    return _compiled(model, "prefill_step")
+
+
+def _compiled(model: torch.nn.Module, method: str) -> Callable[..., torch.Tensor]:
+    steps = _COMPILED.setdefault(model, {})
+    if method not in steps:
         # guards on torch's own modules (Linear, RMSNorm, ...) are dropped: re-checking their attributes before every
         # step cost a third of the step; parameters stay graph inputs, so updated weights are still seen
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
-        _COMPILED[model] = torch.compile(model.decode_step, options=options)
-    return _COMPILED[model]
+        steps[method] = torch.compile(getattr(model, method), options=options)
+    return steps[method]
+
+
+def prefill(
+    model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, pad_mask: torch.Tensor, compile: bool = False
+) -> torch.Tensor:
+    """Left-padded prompts tokens, pad_mask (B, T) into ``cache`` -> the last column's logits (B, V); ``cache.pos``
+    advances by T. Eager: the model's forward with the cache. ``compile``: the compiled ``prefill_step`` (the cache
+    must be empty), whose keys and values are written here."""
+    if not compile:
+        return model(tokens, cache=cache, pad_mask=pad_mask)[:, -1]
+    c, t = cache, tokens.shape[1]
+    if c.pos != 0 or t > c.max_len:
+        raise ValueError(f"a compiled prefill needs an empty cache of >= {t} slots (pos={c.pos}, max_len={c.max_len})")
+    for x in (tokens, pad_mask):
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+    position = torch.tensor(c.offset, device=tokens.device)
+    logits, k, v = compiled_prefill_step(model)(tokens, pad_mask, position)
+    c.k[:, :, :, :t], c.v[:, :, :, :t], c.valid[:, :t] = k, v, pad_mask
+    c.pos = t
+    return logits
 
 
 def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
@@ -171,13 +204,13 @@ def generate(
         if share_prompts and len(distinct) < b:  # prefill every distinct prompt once, then copy its cache rows
             first = torch.tensor([rows.index(i) for i in range(len(distinct))], device=device)
             cache = KVCache(model.cfg, len(distinct), longest + max_new_tokens, device, dtype)
-            logits = model(seq[first], cache=cache, pad_mask=pad_mask[first])[:, -1]
+            logits = prefill(model, cache, seq[first], pad_mask[first], compile)
             expand = torch.tensor(rows, device=device)
             logits = logits[expand]  # (B, V)
             cache.k, cache.v, cache.valid = cache.k[:, expand], cache.v[:, expand], cache.valid[expand]
         else:
             cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype)
-            logits = model(seq, cache=cache, pad_mask=pad_mask)[:, -1]  # (B, V)
+            logits = prefill(model, cache, seq, pad_mask, compile)  # (B, V)
     else:
         logits = model(seq, pad_mask=pad_mask)[:, -1]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -21,6 +21,7 @@ from nanoseek.model.attention import (
     CausalSelfAttention,
     DecodeSlots,
     KVCache,
+    NewKeys,
     attention_mask,
     rotary_at,
     rotary_tables,
@@ -190,6 +191,24 @@ class Transformer(nn.Module):
             x = block(x, rope=rope, cache=slots)
         logits = self.lm_head(self.norm(self.collapse(x)))[:, -1]
         return logits, torch.stack(slots.new_k), torch.stack(slots.new_v)
+
+    def prefill_step(
+        self, tokens: torch.Tensor, valid: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompts into an empty KV cache: tokens, valid (B, T) (False for padding), the first column at
+        rotary position ``position`` (a 0-dim long tensor). Returns the last column's logits (B, vocab) and every
+        layer's keys and values (L, B, H_kv, T, D) for the caller to store as the cache's first T slots. The same
+        numbers as ``forward`` with an empty cache (offset ``position``), up to float rounding, as a function of
+        tensors alone, so torch.compile compiles it once for every prompt length and batch size."""
+        positions = position + torch.arange(tokens.shape[1], device=tokens.device)
+        rope = rotary_at(self.cfg.head_dim, positions, self.cfg.rope_base)
+        mask = attention_mask(valid, 0)
+        keys = NewKeys()
+        x = self.residual_kind.expand(self.embed(tokens), self.cfg)
+        for block in self.blocks:
+            x = block(x, valid=valid, rope=rope, cache=keys, mask=mask)
+        logits = self.lm_head(self.norm(self.collapse(x))[:, -1])
+        return logits, torch.stack(keys.new_k), torch.stack(keys.new_v)
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., C) -> logits (..., vocab)."""

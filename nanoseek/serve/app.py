@@ -100,10 +100,11 @@ class Server:
         except Exception as err:  # no C++ compiler, an unsupported device, ...: serve, slower, and say why
             batcher.compile = batcher.batch.compile = False
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.log(f"nanoseek serve: warning: could not compile the decode step ({type(err).__name__}: {first}); "
-                     "decoding eagerly (start with --no-compile to skip the attempt)")  # fmt: skip
+            self.log(f"nanoseek serve: warning: could not compile the prefill and decode steps "
+                     f"({type(err).__name__}: {first}); decoding eagerly "
+                     "(start with --no-compile to skip the attempt)")  # fmt: skip
             return
-        self.log(f"nanoseek serve: decode step compiled in {time.perf_counter() - t0:.0f} s")
+        self.log(f"nanoseek serve: prefill and decode steps compiled in {time.perf_counter() - t0:.0f} s")
 
     def require_model(self, name: str | None) -> None:
         if self.loaded is None:
