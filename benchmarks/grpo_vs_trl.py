@@ -26,6 +26,7 @@ Needs the ``bench`` extra, installed with torch pinned so pip keeps the CPU buil
     .venv/bin/pip install -e ".[bench]" torch==2.13.0
 
     python benchmarks/grpo_vs_trl.py [--steps 60] [--target 0.3] [--no-share-prompt] [--no-compile] [--lr 2e-4]
+                                     [--overlap]
 """
 
 from __future__ import annotations
@@ -125,23 +126,25 @@ def run_nanoseek(state: dict, a: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = Transformer(model_config())
     model.load_state_dict(state)
-    cfg = train_config(a.lr, batch_size=PROMPTS, dtype="bfloat16" if a.bf16 else "float32", compile=a.compile)
+    cfg = train_config(a.lr, batch_size=PROMPTS, dtype="bfloat16" if a.bf16 else "float32", compile=a.compile,
+                       steps=a.steps)  # fmt: skip
     engine = Engine(model, cfg, log=lambda message: None)
     t = task()
     rewards = {"accuracy": (accuracy_reward(t), 1.0), "format": (format_reward, 0.1)}
     cfg = GRPOConfig(group_size=GROUP, loss_type="dapo", beta=0.0, skip_zero_advantage=not a.no_skip,
-                     share_prompt=not a.no_share_prompt)  # fmt: skip
+                     share_prompt=not a.no_share_prompt, overlap=a.overlap)  # fmt: skip
     trainer = GRPO(engine, CharTokenizer(), t, cfg, rewards)
     out = {"times": [], "rewards": [], "zero_var": [], "flops": [], "generation": []}
-    for _ in range(a.steps):
+    for step in range(a.steps):
         t0 = time.perf_counter()
-        metrics = trainer.step()
+        metrics = trainer.step(step)
         out["times"].append(time.perf_counter() - t0)
         out["rewards"].append(metrics["reward_mean"])
         out["zero_var"].append(metrics["zero_variance_frac"])
         out["flops"].append(metrics["flops"])
         out["generation"].append(PROMPTS * GROUP * metrics["completion_len"] / metrics["gen_tokens_per_s"])
-    out["name"] = f"nanoseek ({model.num_params() / 1e6:.2f}M parameters)"
+    trainer.close()
+    out["name"] = f"nanoseek ({model.num_params() / 1e6:.2f}M parameters{', overlap' if a.overlap else ''})"
     return out
 
 
@@ -237,6 +240,9 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="nanoseek without train.compile "
                         "(by default the update's forward and the decode step are compiled; the compile time is in "
                         "the first steps' times and so in the time to reward)")  # fmt: skip
+    parser.add_argument("--overlap", action="store_true", help="nanoseek with grpo.overlap: the next batch sampled "
+                        "while this one trains (one step off-policy), each side on one torch thread, so nanoseek "
+                        "uses the same two cores TRL's two threads do")  # fmt: skip
     parser.add_argument("--skip-trl", action="store_true", help="nanoseek only")
     add_json_argument(parser)
     a = parser.parse_args()
@@ -248,7 +254,11 @@ def main() -> None:
     t0 = time.perf_counter()
     state = cold_start(a.cold_start)
     print(f"cold start: {a.cold_start} supervised steps in {time.perf_counter() - t0:.0f} s")
+    threads = torch.get_num_threads()
+    if a.overlap:
+        torch.set_num_threads(1)  # two Python threads (sampling, update) of one torch thread each
     runs = [run_nanoseek(state, a)]
+    torch.set_num_threads(threads)
     if not a.skip_trl:
         runs.append(run_trl(state, a))
     rate = matmul_flops_per_second()
@@ -266,7 +276,8 @@ def main() -> None:
     ours = runs[0]
     floor = statistics.median(ours["flops"][a.warmup :]) / rate
     gen = statistics.median(ours["generation"][a.warmup :])
-    print(f"nanoseek step: generation {gen:.3f} s, the rest {ours['step'] - gen:.3f} s; compute floor (generation + "
+    print(f"nanoseek step: generation {gen:.3f} s{' (overlapped with the update)' if a.overlap else ''}, the rest "
+          f"{ours['step'] - gen:.3f} s; compute floor (generation + "
           f"update FLOPs at {rate / 1e9:.0f} GFLOP/s, this machine's matmul rate now) {floor:.3f} s; "
           f"the step is {ours['step'] / floor:.1f}× its floor")  # fmt: skip
     rows.append(row("nanoseek step / its compute floor", ours["step"] / floor, "×", "<= 1.5"))

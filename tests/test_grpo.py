@@ -2,6 +2,7 @@
 
 import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from nanoseek import ModelConfig, Transformer
 from nanoseek.data.tasks import make_task
 from nanoseek.data.tokenizer import ByteTokenizer
 from nanoseek.rl.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, k3_kl, zero_variance_groups
-from nanoseek.rl.rollout import token_logprobs
+from nanoseek.rl.rollout import Rollout, token_logprobs
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.engine import Engine
 
@@ -160,6 +161,36 @@ def test_chunked_log_probs_of_the_right_padded_batch_equal_each_row_alone_with_g
             torch.testing.assert_close(g, h)
 
 
+@pytest.mark.slow
+def test_compiled_log_probs_equal_eager_and_compile_once_for_every_batch_size():
+    """train.compile: the policy's forward over right-padded rows (masked attention, no branch on the data) gives
+    the eager log-probabilities and gradients, and batches of other sizes and lengths reuse the first compile."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Transformer(TINY).double()
+    compiled = torch.compile(model)
+    graphs = []
+    for n, width in ((8, 20), (6, 17), (5, 22)):  # the rows trained on and their length change every step
+        ids = torch.randint(1, 256, (n, width))
+        starts, lengths = torch.randint(3, 8, (n,)), torch.randint(10, width + 1, (n,))
+        mask = torch.arange(width - 3) < (lengths - starts)[:, None]
+        results = []
+        for m in (model, compiled):
+            logp, entropy = token_logprobs(m, ids, starts, width - 3, lengths=lengths)
+            grads = torch.autograd.grad((logp * mask).sum(), list(model.parameters()))
+            results.append((logp[mask], entropy[mask], grads))
+        (want, want_entropy, want_grads), (got, got_entropy, got_grads) = results
+        # float64 model, but the rotary tables are float32 in both (compiled sin / cos differ in the last bit)
+        tol = dict(rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(got_entropy, want_entropy, **tol)
+        for g, h in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, h, **tol)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0] and graphs[2] == graphs[0], graphs
+
+
 def test_dynamic_sampling_drops_exactly_the_zero_variance_groups():
     t = trainer(
         rewards={"r": (first_char_parity_unless_even_target, 1.0)},
@@ -232,8 +263,11 @@ def test_reference_exists_only_with_beta_and_is_reset_every_n_steps():
     assert t.step()["kl"] == 0.0
 
 
-def test_exact_resume_from_state_dicts():
-    cfg = dict(beta=0.1, dynamic_sampling=True, mu=2, loss_type="dapo")
+@pytest.mark.parametrize("overlap", [False, True], ids=["on-policy", "overlap"])
+def test_exact_resume_from_state_dicts(overlap):
+    """With overlap the state is saved while the next batch is being sampled: the resumed stage samples it again
+    with the saved sampling weights."""
+    cfg = dict(beta=0.1, dynamic_sampling=True, mu=2, loss_type="dapo", overlap=overlap)
     a = trainer(**cfg)
     for _ in range(2):
         a.step()
@@ -250,6 +284,38 @@ def test_exact_resume_from_state_dicts():
     assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_overlap_trains_each_batch_one_update_late_against_the_weights_that_sampled_it():
+    """overlap: step 0 is on-policy (the same batch and update as without overlap); step 1 trains on the batch the
+    weights before update 0 sampled — what a second collect() of the untouched model draws — and its ratio's π_old
+    is those weights' policy, not the one being trained (float64, so the comparisons are to rounding)."""
+    a, b, c = trainer(overlap=True, dtype=torch.float64), trainer(dtype=torch.float64), trainer(dtype=torch.float64)
+    m_a, m_b = a.step(), b.step()
+    assert m_a["reward_mean"] == m_b["reward_mean"]
+    assert m_a["train_loss"] == pytest.approx(m_b["train_loss"], rel=1e-6)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+    c.collect()
+    _, kept = c.collect()  # c's weights never move: the second batch the weights before update 0 draw
+    batch = Rollout.join(kept)
+    trained = copy.deepcopy(a.model)  # the weights update 1 starts from
+    m_a = a.step(1)
+    assert m_a["reward_mean"] == batch.rewards.mean().item()
+    ids, starts, mask = batch.batch()
+    n, t = mask.shape
+    with torch.no_grad():
+        new, old = (token_logprobs(m, ids, starts, t, lengths=starts + mask.sum(-1))[0] for m in (trained, c.model))
+    advantages = a.advantages(batch, t)
+    scale = dict(n_sequences=n, n_tokens=int(mask.sum()), max_tokens=a.task.max_new_tokens)
+    off_policy = grpo_loss(new, old, advantages, mask, **scale)[0].item()
+    on_policy = grpo_loss(new, new, advantages, mask, **scale)[0].item()
+    assert m_a["train_loss"] == pytest.approx(off_policy, rel=1e-6)  # the engine reports the loss in float32
+    assert abs(off_policy - on_policy) > 1e-2 * abs(off_policy)  # the ratio is not 1: the check can fail
+    a.close()  # the batch of step 2 was being sampled; afterwards no thread is left and the batch is still pending
+    assert not any(t.name == "nanoseek-grpo-sample" for t in threading.enumerate())
+    assert int(a.state_dict()["sampling_ahead"]) == 1
 
 
 def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():

@@ -115,14 +115,19 @@ def test_sft_then_grpo_then_eval_end_to_end(sft_run, tmp_path, capsys):
     assert "pass@1 greedy" in capsys.readouterr().out
 
 
-def test_grpo_resume_is_exact_and_round_trips_its_state(sft_run, tmp_path):
-    assert grpo(sft_run, tmp_path / "straight", 4) == 0
-    assert grpo(sft_run, tmp_path / "split", 2) == 0
+@pytest.mark.parametrize("overlap", [False, True], ids=["on-policy", "overlap"])
+def test_grpo_resume_is_exact_and_round_trips_its_state(sft_run, tmp_path, overlap):
+    """With grpo.overlap the first run ends with the next batch pending (its sampling weights saved): the resumed
+    run samples it and trains exactly as the straight run did."""
+    extra = ["--set", f"grpo.overlap={str(overlap).lower()}"]
+    assert grpo(sft_run, tmp_path / "straight", 4, *extra) == 0
+    assert grpo(sft_run, tmp_path / "split", 2, *extra) == 0
     state = load_checkpoint(tmp_path / "split").state
     assert state["stage"] == "grpo" and state["step"] == 2
     grpo_state = state["stage_state"]
     assert int(grpo_state["steps_done"]) == 2 and int(grpo_state["problem_index"]) == 4  # 2 steps × 2 prompts
     assert any(k.startswith("reference.") for k in grpo_state)  # β > 0 keeps the reference weights
+    assert int(grpo_state.get("sampling_ahead", 0)) == int(overlap)
     assert main(["grpo", "--resume", "--out", str(tmp_path / "split"), "--set", "train.steps=4", "--no-progress"]) == 0
     evaluation = ("format_greedy", "completion_len_greedy", "pass1_greedy")  # the split run also evaluated at step 2
     split, straight = ([{k: v for k, v in r.items() if k not in evaluation} for r in records(tmp_path / run)]

@@ -129,8 +129,10 @@ class Transformer(nn.Module):
         # h: (B, T, C); positions, targets: (B, P)
         h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, P, C)
         logps, entropies = [], []
-        for s in range(0, h.shape[1], chunk):
-            args = (h[:, s : s + chunk], targets[:, s : s + chunk], temperature)
+        # one chunk needs no loop over the length, so a compiled forward does not specialise on it
+        spans = [slice(None)] if h.shape[1] <= chunk else [slice(s, s + chunk) for s in range(0, h.shape[1], chunk)]
+        for span in spans:
+            args = (h[:, span], targets[:, span], temperature)
             grad = h.requires_grad
             lp, ent = checkpoint(self._chunk_scores, *args, use_reentrant=False) if grad else self._chunk_scores(*args)
             logps.append(lp)
@@ -156,7 +158,9 @@ class Transformer(nn.Module):
         rope = rotary_tables(self.cfg.head_dim, start, t, self.cfg.rope_base, idx.device)
         if cache is not None:
             mask = cache.mask(t, pad_mask)
-        elif pad_mask is not None and not _right_padded(pad_mask):
+        elif pad_mask is not None and (torch.compiler.is_compiling() or not _right_padded(pad_mask)):
+            # compiled, a right-padded batch gets the mask too (the same attention for its real tokens): a branch on
+            # the data would break the graph, and every graph after the break would compile once per batch size
             mask = attention_mask(pad_mask, 0)
         else:
             mask = None

@@ -18,6 +18,10 @@ gets the advantage Â_i = (r_i − mean(r)) / (std(r) + ε) of its group. The ob
 
 In a step, μ optimizer updates are made on the same batch against the old policy: the first update's forward pass
 is the old policy (the weights have not moved yet), so its log-probabilities, detached, are π_old — no extra pass.
+With ``overlap``, the next batch is sampled in a background thread, by a copy of the weights taken before this
+step's update, while this step updates: each update trains on completions sampled one update earlier, and π_old is
+then the sampling copy's own policy (scored by the same thread), so ρ is the importance ratio between the policy
+being trained and the one that sampled — the correction PPO makes for data one update old.
 
 GRPO is a stage of the training engine (``GRPO``): the engine does the updates (optimizer, lr schedule, clipping,
 accumulation over micro-batches, bf16, NaN guard, MoE balancing); [grpo] holds only what is GRPO's own. Per step
@@ -28,6 +32,8 @@ train.batch_size groups.
 from __future__ import annotations
 
 import copy
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -182,6 +188,13 @@ class GRPOConfig:
     """ε added to the group's reward std in the advantage."""
     logprob_chunk: int = 64
     """Positions whose logits are computed at once when scoring completions."""
+    overlap: bool = False
+    """Sample the next step's batch in a background thread, with a copy of the weights taken before this step's
+    update, while this step updates (one step off-policy; the first step is on-policy). The ratio's π_old is the
+    sampling copy's policy, scored by that thread, so the clipped ratio corrects for the lag. It saves wall time when
+    generation and the update each leave the other a core (train.threads = 1 on a 2-core machine; more threads
+    would make the two compete). A checkpoint keeps the sampling weights, and a resume samples the pending batch
+    again: the same run as without the interruption."""
 
     def __post_init__(self) -> None:
         require_int("group_size", self.group_size, 2, 65536)  # advantages compare within a group
@@ -244,34 +257,45 @@ class GRPO:
         self.generator = torch.Generator().manual_seed(t.seed + 1_000_003 * d.rank)
         self.steps_done = 0
         self.problem_index = 0
+        # with overlap: the weights that sample the next batch, the thread sampling it, and where it started
+        self.sampler = copy.deepcopy(model).requires_grad_(False).eval() if cfg.overlap else None
+        cores = os.cpu_count() or 1
+        if cfg.overlap and engine.device.type == "cpu" and 2 * torch.get_num_threads() > cores:
+            threads, half = torch.get_num_threads(), max(cores // 2, 1)
+            engine.log(f"grpo.overlap: sampling and the update each run {threads} threads on {cores} cores and "
+                       f"will compete; train.threads = {half} gives each its own")  # fmt: skip
+        self._ahead: tuple[threading.Thread, dict] | None = None
+        self._ahead_start: tuple[int, torch.Tensor] | None = None  # (problem index, RNG state) of the next batch
 
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.model
 
-    def _sample(self) -> Rollout:
+    def _sample(self, model: torch.nn.Module | None = None) -> Rollout:
+        model = self.model if model is None else model
         n, d = self.prompts_per_step, self.engine.dist
         first = self.problem_index + d.rank * n  # this process's slice of every step's problems
         problems = [self.task.problem("train", self.engine.cfg.seed, first + i) for i in range(n)]
         self.problem_index += n * d.world
         c = self.cfg
-        was_training = self.model.training
-        self.model.eval()  # generation leaves MoE loads alone
+        was_training = model.training
+        model.eval()  # generation leaves MoE loads alone
         with self.engine.autocast():
             rollout = sample_rollout(
-                self.model, self.tokenizer, problems, self.rewards, group_size=c.group_size,
+                model, self.tokenizer, problems, self.rewards, group_size=c.group_size,
                 max_new_tokens=self.task.max_new_tokens, template=self.task.template, temperature=c.temperature,
                 top_k=c.top_k, top_p=c.top_p, stop=self.task.stop, generator=self.generator,
                 share_prompts=c.share_prompt, compile=self.engine.cfg.compile,
             )  # fmt: skip
-        self.model.train(was_training)
+        model.train(was_training)
         return rollout
 
-    def collect(self) -> tuple[list[Rollout], list[Rollout]]:
-        """(rollouts sampled, their groups kept for training). Without dynamic sampling every group is kept."""
+    def collect(self, model: torch.nn.Module | None = None) -> tuple[list[Rollout], list[Rollout]]:
+        """(rollouts sampled, their groups kept for training), sampled by ``model`` (default: the policy). Without
+        dynamic sampling every group is kept."""
         sampled, kept, n_kept = [], [], 0
         for _ in range(1 + (self.cfg.max_refill_rounds if self.cfg.dynamic_sampling else 0)):
-            rollout = self._sample()
+            rollout = self._sample(model)
             sampled.append(rollout)
             if not self.cfg.dynamic_sampling:
                 return sampled, sampled
@@ -283,6 +307,51 @@ class GRPO:
             if n_kept == self.prompts_per_step:
                 break
         return sampled, kept
+
+    def _collect_scored(self) -> tuple[list[Rollout], list[Rollout], torch.Tensor | None, float]:
+        """Overlap's background work: collect with the sampling weights, score the kept completions under them
+        (π_old of the update that will train on them); the seconds it took."""
+        t0 = time.perf_counter()
+        sampled, kept = self.collect(self.sampler)
+        old = None
+        if kept:
+            ids, starts, mask = (x.to(self.engine.device) for x in Rollout.join(kept).batch())
+            with torch.no_grad(), self.engine.autocast():
+                old = self._logprobs(self.sampler, ids, starts, starts + mask.sum(-1), mask.shape[1])[0]
+        return sampled, kept, old, time.perf_counter() - t0
+
+    def _prepare_ahead(self) -> None:
+        """The sampling weights become the policy's as they are now, and the next batch starts here."""
+        self.sampler.load_state_dict(self.model.state_dict())
+        self._ahead_start = (self.problem_index, self.generator.get_state())
+
+    def _launch_ahead(self) -> None:
+        """Sample the prepared batch in a background thread."""
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["value"] = self._collect_scored()
+            except BaseException as err:  # raised again on the main thread by _take_ahead
+                result["error"] = err
+
+        thread = threading.Thread(target=run, name="nanoseek-grpo-sample", daemon=True)
+        thread.start()
+        self._ahead = (thread, result)
+
+    def close(self) -> None:
+        """Wait for a batch still being sampled (the loop calls this when the stage ends, before its checkpoint):
+        no thread outlives the stage. The batch stays pending, so a resume samples it again and trains on it."""
+        if self._ahead is not None:
+            self._ahead[0].join()
+
+    def _take_ahead(self) -> tuple[list[Rollout], list[Rollout], torch.Tensor | None, float]:
+        thread, result = self._ahead
+        thread.join()
+        self._ahead = self._ahead_start = None
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
     def step(self, step: int = 0) -> dict[str, float]:
         """Sample (and refill), score, make μ updates; return the step's metrics:
@@ -298,8 +367,18 @@ class GRPO:
           skip_zero_advantage, those with a non-zero advantage);
         * tokens and flops: every token through the model, sampled or trained on, and the analytic FLOPs."""
         t0 = time.perf_counter()
-        sampled, kept = self.collect()
-        gen_time = time.perf_counter() - t0
+        if self.cfg.overlap:
+            if self._ahead_start is None:  # the first step: sampled by the weights as they are
+                self._prepare_ahead()
+            if self._ahead is None:  # the first step, or a resumed one (its sampling weights came with the state)
+                self._launch_ahead()
+            sampled, kept, old, gen_time = self._take_ahead()
+            self._prepare_ahead()  # the next batch, by the weights before this update ...
+            if step + 1 < self.engine.cfg.steps:
+                self._launch_ahead()  # ... sampled while the update runs (after the last step: by a resume)
+        else:
+            sampled, kept = self.collect()
+            old, gen_time = None, time.perf_counter() - t0
         everything = Rollout.join(sampled)
         lengths = torch.tensor([len(x) for x in everything.completion_ids], dtype=torch.float64)
         prompt_tokens = sum(len(p) for p in everything.prompt_ids)
@@ -320,7 +399,7 @@ class GRPO:
             "flops": gen_tokens * self.model.flops_per_token(longest) / 3,
         }
         if kept:
-            trained = self.update(Rollout.join(kept))
+            trained = self.update(Rollout.join(kept), old)
             metrics["tokens"] += trained.pop("tokens")
             metrics["flops"] += trained.pop("flops")
             metrics.update(trained)
@@ -329,10 +408,11 @@ class GRPO:
             self.reference.load_state_dict(self.model.state_dict())
         return metrics
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout, old_logp: torch.Tensor | None = None) -> dict[str, float]:
         """μ optimizer updates on one batch against its old policy, through the engine; a micro-batch is
         train.batch_size groups, and every micro-batch's loss uses the whole batch's normalisers, so they add up
-        to the batch loss."""
+        to the batch loss. ``old_logp`` (N, T): π_old of the tokens when it is not the policy being trained (the
+        sampling weights under overlap); None: the first update's own forward pass."""
         c, engine, device = self.cfg, self.engine, self.engine.device
         t0 = time.perf_counter()
         ids, starts, completion_mask = (x.to(device) for x in rollout.batch())
@@ -346,6 +426,7 @@ class GRPO:
             # leave it out of the forward and backward (TRL computes it anyway)
             rows = (advantages.reshape(n, -1) != 0).any(-1).nonzero().flatten()
             ids, starts, completion_mask, advantages = ids[rows], starts[rows], completion_mask[rows], advantages[rows]
+            old_logp = old_logp[rows] if old_logp is not None else None
         kept = ids.shape[0]
         lengths = starts + completion_mask.sum(-1)  # real tokens per row; right padding after them
         size = engine.cfg.batch_size * c.group_size
@@ -354,13 +435,13 @@ class GRPO:
         if self.reference is not None:
             with torch.no_grad(), engine.autocast():
                 ref = [self._logprobs(self.reference, ids[p], starts[p], lengths[p], t)[0] for p in parts]
-        old: list[torch.Tensor | None] = [None] * len(parts)
+        old: list[torch.Tensor | None] = [None] * len(parts) if old_logp is None else [old_logp[p] for p in parts]
         totals = {"train_loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0}
 
         def micro(k: int, p: slice, first: bool):
             def loss() -> torch.Tensor:
                 logp, entropy = self._logprobs(engine.forward, ids[p], starts[p], lengths[p], t)
-                if first:
+                if first and old_logp is None:
                     old[k] = logp.detach()  # the weights have not moved yet: this is π_old
                 value, stats = grpo_loss(
                     logp, old[k], advantages[p], completion_mask[p], loss_type=c.loss_type,
@@ -419,15 +500,22 @@ class GRPO:
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Step count, position in the problem stream, sampling RNG and (with β > 0) the reference weights: a flat
-        dict of tensors."""
+        """Step count, position in the problem stream, sampling RNG, (with β > 0) the reference weights and (with
+        overlap) the sampling weights with whether a batch is pending: a flat dict of tensors. A pending batch is
+        recorded by where it started, so a resume samples it again."""
+        problem_index, generator = self.problem_index, self.generator.get_state()
+        if self._ahead_start is not None:  # the next batch (maybe being sampled): a resume samples it from its start
+            problem_index, generator = self._ahead_start
         state = {
             "steps_done": torch.tensor(self.steps_done),
-            "problem_index": torch.tensor(self.problem_index),
-            "generator": self.generator.get_state(),
+            "problem_index": torch.tensor(problem_index),
+            "generator": generator,
         }
         if self.reference is not None:
             state.update({f"reference.{k}": v.cpu() for k, v in self.reference.state_dict().items()})
+        if self.sampler is not None:
+            state["sampling_ahead"] = torch.tensor(int(self._ahead_start is not None))
+            state.update({f"sampler.{k}": v.cpu() for k, v in self.sampler.state_dict().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -437,3 +525,8 @@ class GRPO:
         if self.reference is not None:
             prefix = "reference."
             self.reference.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        if self.sampler is not None and "sampling_ahead" in state:  # else: sample with the policy's weights
+            prefix = "sampler."
+            self.sampler.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            if bool(state["sampling_ahead"]):
+                self._ahead_start = (self.problem_index, self.generator.get_state())

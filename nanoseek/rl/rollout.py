@@ -159,6 +159,11 @@ def token_logprobs(
     pad_mask = None
     if lengths is not None:
         pad_mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
-    return model(
-        ids, ids.gather(1, where), pad_mask=pad_mask, positions=where - 1, temperature=temperature, chunk=chunk_size
-    )  # position j predicts token j + 1
+    targets, positions = ids.gather(1, where), where - 1  # position j predicts token j + 1
+    # the rows trained on and their lengths change from batch to batch: a compiled forward (train.compile) is
+    # compiled for any size at once instead of once for the first batch's sizes and once more for the rest
+    for x in (ids, targets, positions, pad_mask):
+        if x is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+    return model(ids, targets, pad_mask=pad_mask, positions=positions, temperature=temperature, chunk=chunk_size)

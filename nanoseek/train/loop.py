@@ -9,6 +9,7 @@ A stage is an object with
     diagnostics() -> dict     occasional extra metrics (residual gains), or {}
     state_dict() / load_state_dict(state)    what an exact resume needs besides weights and optimizers
     postfix                   the metric names shown on the progress bar
+    close()                   optional: called once when the stage stops, before its last checkpoint
 
 and ``run_stage`` does everything else, the same way for all: the lr schedule, the clock (wall, process CPU and
 joules of the caller's energy meter, accumulated over resumes, excluding each process's first step — compilation
@@ -258,6 +259,8 @@ def run_stage(
             if t.ckpt_every and step % t.ckpt_every == 0 and not stop_reason:
                 save()
     bar.close()
+    if hasattr(stage, "close"):
+        stage.close()  # background work of the stage (GRPO's overlap) ends before the final checkpoint
     if stop_reason == "interrupted":
         log(f"interrupted ({signal_name}) at step {step}: checkpoint written; continue with --resume")
     path = save() if saved_step != step else None  # else: this step is already checkpointed (ckpt_every)
