@@ -17,16 +17,18 @@ the task's generator) but come from the same distribution.
 
 Reported, for each trainer: median seconds per step after --warmup steps; the wall time (sum of step times) until
 the mean training reward over --window consecutive steps first reaches --target (or "not reached" within --steps);
-the fraction of groups whose rewards were all equal (zero variance: with β = 0 they carry no gradient; nanoseek
-skips them, TRL computes them); and for nanoseek the step's compute floor: its FLOPs (generation + update, analytic)
-at this machine's matmul rate measured in the same run, and the ratio of the median step to it (goal ≤ 1.5).
+by default the target is the cold-started weights' own reward (measured before either trainer starts) plus --gain,
+so that it lies above where both start; the fraction of groups whose rewards were all equal (zero variance: with
+β = 0 they carry no gradient; nanoseek skips them, TRL computes them); and for nanoseek the step's compute floor:
+its FLOPs (generation + update, analytic) at this machine's matmul rate measured in the same run, and the ratio of
+the median step to it (goal ≤ 1.5).
 Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
 
 Needs the ``bench`` extra, installed with torch pinned so pip keeps the CPU build:
     .venv/bin/pip install -e ".[bench]" torch==2.13.0
 
-    python benchmarks/grpo_vs_trl.py [--steps 60] [--target 0.3] [--no-share-prompt] [--no-compile] [--lr 2e-4]
-                                     [--overlap]
+    python benchmarks/grpo_vs_trl.py [--steps 60] [--gain 0.1 | --target R] [--no-share-prompt] [--no-compile]
+                                     [--lr 2e-4] [--overlap]
 """
 
 from __future__ import annotations
@@ -120,6 +122,19 @@ def time_to_reward(times: list[float], rewards: list[float], target: float, wind
         if statistics.mean(rewards[end - window : end]) >= target:
             return sum(times[:end])
     return None
+
+
+def start_reward(state: dict, batches: int = 8) -> float:
+    """Mean training reward of the cold-started weights before any GRPO update: ``batches`` × 32 completions
+    sampled by nanoseek's GRPO stage from another seed's problems than the runs' (the same weights start both)."""
+    torch.manual_seed(0)
+    model = Transformer(model_config())
+    model.load_state_dict(state)
+    t = task()
+    rewards = {"accuracy": (accuracy_reward(t), 1.0), "format": (format_reward, 0.1)}
+    trainer = GRPO(Engine(model, train_config(1e-3, batch_size=PROMPTS, seed=1), log=lambda m: None),
+                   CharTokenizer(), t, GRPOConfig(group_size=GROUP), rewards)  # fmt: skip
+    return statistics.mean(trainer.collect()[0][0].rewards.mean().item() for _ in range(batches))
 
 
 def run_nanoseek(state: dict, a: argparse.Namespace) -> dict:
@@ -232,7 +247,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median step time (default 3)")
     parser.add_argument("--cold-start", type=int, default=300, help="supervised steps before GRPO (default 300)")
     parser.add_argument("--lr", type=float, default=2e-4, help="GRPO learning rate of both trainers (default 2e-4)")
-    parser.add_argument("--target", type=float, default=0.3, help="training reward to reach (default 0.3)")
+    parser.add_argument("--target", type=float, default=None, help="training reward to reach (default: the "
+                        "cold-started weights' own reward, measured on 256 completions, plus --gain)")  # fmt: skip
+    parser.add_argument("--gain", type=float, default=0.1, help="reward gain that sets the default target (0.1)")
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the reward (default 5)")
     parser.add_argument("--no-share-prompt", action="store_true", help="prefill every completion's prompt")
     parser.add_argument("--no-skip", action="store_true", help="train on zero-advantage completions too")
@@ -254,6 +271,10 @@ def main() -> None:
     t0 = time.perf_counter()
     state = cold_start(a.cold_start)
     print(f"cold start: {a.cold_start} supervised steps in {time.perf_counter() - t0:.0f} s")
+    if a.target is None:  # a fixed target may sit below where both trainers start: then it measures nothing
+        start = start_reward(state)
+        a.target = round(start + a.gain, 3)
+        print(f"reward of the cold-started weights {start:.3f} (256 completions): target {a.target}")
     threads = torch.get_num_threads()
     if a.overlap:
         torch.set_num_threads(1)  # two Python threads (sampling, update) of one torch thread each
