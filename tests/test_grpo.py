@@ -318,6 +318,18 @@ def test_overlap_trains_each_batch_one_update_late_against_the_weights_that_samp
     assert int(a.state_dict()["sampling_ahead"]) == 1
 
 
+def test_overlap_warns_when_sampling_and_the_update_would_share_cores(monkeypatch):
+    messages = []
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the engine's setting must not outlive the test
+    for threads, warned in ((2, True), (1, False)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        messages.clear()
+        engine = Engine(Transformer(TINY), TrainConfig(threads=threads), log=messages.append)
+        GRPO(engine, ByteTokenizer(), make_task("arithmetic", digits=1), GRPOConfig(overlap=True))
+        assert any("train.threads = 1" in m for m in messages) == warned, messages
+
+
 def test_smoke_grpo_run_learns_a_trivial_reward_within_seconds():
     t = trainer(lr=1e-2, loss_type="dapo", mu=2)
     rewards = [t.step()["reward_mean"] for _ in range(20)]
