@@ -68,12 +68,11 @@ def sample_next(
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     logp = torch.log_softmax(logits, -1)  # (B, V)
     # argmax of p / E with E ~ Exp(1) i.i.d. is a sample from p; one draw per vocabulary entry and row, always
-    if isinstance(generator, Sequence) and len(generator) == 1:
-        race = torch.empty_like(logp).exponential_(generator=generator[0])  # the same draws as the stack below
-    elif isinstance(generator, Sequence):
+    if isinstance(generator, Sequence) and len(generator) > 1:
         race = torch.stack([torch.empty_like(logp[0]).exponential_(generator=g) for g in generator])
-    else:
-        race = torch.empty_like(logp).exponential_(generator=generator)
+    else:  # one generator for every row (a list of one draws the same as the stack would)
+        g = generator[0] if isinstance(generator, Sequence) else generator
+        race = torch.empty_like(logp).exponential_(generator=g)
     tokens = (logp.exp() / race).argmax(-1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,7 +264,8 @@ class GRPO:
             threads, half = torch.get_num_threads(), max(cores // 2, 1)
             engine.log(f"grpo.overlap: sampling and the update each run {threads} threads on {cores} cores and "
                        f"will compete; train.threads = {half} gives each its own")  # fmt: skip
-        self._ahead: tuple[threading.Thread, dict] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: Future | None = None  # the next batch being sampled
         self._ahead_start: tuple[int, torch.Tensor] | None = None  # (problem index, RNG state) of the next batch
 
     @property
@@ -327,31 +328,20 @@ class GRPO:
 
     def _launch_ahead(self) -> None:
         """Sample the prepared batch in a background thread."""
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                result["value"] = self._collect_scored()
-            except BaseException as err:  # raised again on the main thread by _take_ahead
-                result["error"] = err
-
-        thread = threading.Thread(target=run, name="nanoseek-grpo-sample", daemon=True)
-        thread.start()
-        self._ahead = (thread, result)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nanoseek-grpo-sample")
+        self._ahead = self._pool.submit(self._collect_scored)
 
     def close(self) -> None:
-        """Wait for a batch still being sampled (the loop calls this when the stage ends, before its checkpoint):
-        no thread outlives the stage. The batch stays pending, so a resume samples it again and trains on it."""
-        if self._ahead is not None:
-            self._ahead[0].join()
+        """Wait for a batch still being sampled and end its thread (the loop calls this when the stage ends, before
+        its checkpoint): no thread outlives the stage. The batch stays pending, so a resume samples it again."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _take_ahead(self) -> tuple[list[Rollout], list[Rollout], torch.Tensor | None, float]:
-        thread, result = self._ahead
-        thread.join()
-        self._ahead = self._ahead_start = None
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
+        future, self._ahead, self._ahead_start = self._ahead, None, None
+        return future.result()  # an error in the thread is raised here
 
     def step(self, step: int = 0) -> dict[str, float]:
         """Sample (and refill), score, make μ updates; return the step's metrics:
