@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import busy_cores, load_average
+from common import busy_cores, cpu_has_bf16, load_average
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -39,7 +39,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "hf_parity": (["--threads", "2", "--repeats", "3"], ["transformers"]),
     "decode_speed": ([], []),
     "serve_load": (["--seconds", "5"], ["fastapi", "uvicorn", "httpx"]),
-    "shared_machine": (["--steps", "20"], []),
+    "shared_machine": (["--steps", "20", "--settings", "nanoseek auto,torch defaults"], []),
 }
 
 
@@ -104,13 +104,12 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
-    flags = Path("/proc/cpuinfo").read_text()
     import torch
 
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "bf16": cpu_has_bf16(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -34,6 +34,14 @@ def row(metric: str, value: float | int | str | None, unit: str = "", goal: str 
     return {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 matmul instructions (AVX512-BF16 or AMX); without them torch emulates bf16 and a bf16
+    figure says nothing about bf16 training. Read from /proc/cpuinfo; False where it does not exist."""
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_average() -> float:
     """The 1-minute load average, as /proc/loadavg gives it (os.getloadavg elsewhere)."""
     try:

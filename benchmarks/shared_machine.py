@@ -14,7 +14,7 @@ thread; all but the first keep their thread count whatever the load.
 Goal: under load the demo takes at most 2.5× its idle time, with no slowdown on an idle machine against torch's
 defaults.
 
-    python benchmarks/shared_machine.py [--steps 30] [--repeats 2]
+    python benchmarks/shared_machine.py [--steps 30] [--repeats 2] [--settings "nanoseek auto,torch defaults"]
 """
 
 from __future__ import annotations
@@ -83,16 +83,16 @@ def run(setting: dict[str, str], steps: int, automatic: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(steps: int, repeats: int, loaded: bool) -> dict[str, list[dict]]:
+def measure(steps: int, repeats: int, loaded: bool, settings: list[str]) -> dict[str, list[dict]]:
     stop = multiprocessing.Event()
     busy = [multiprocessing.Process(target=spin, args=(stop,), daemon=True) for _ in range(2 if loaded else 0)]
     for p in busy:
         p.start()
     try:
-        results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+        results: dict[str, list[dict]] = {name: [] for name in settings}
         for _ in range(repeats):  # settings interleaved, so a drift of the machine touches them all
-            for name, setting in SETTINGS.items():
-                results[name].append(run(setting, steps, automatic=name == "nanoseek auto"))
+            for name in settings:
+                results[name].append(run(SETTINGS[name], steps, automatic=name == "nanoseek auto"))
         return results
     finally:
         stop.set()
@@ -104,18 +104,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="steps per run (the first 3 are not timed)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per setting and condition (median taken)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings to measure (default "
+                        "all; 'nanoseek auto' and 'torch defaults', which the goals need, always are)")  # fmt: skip
     add_json_argument(parser)
     args = parser.parse_args()
+    settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = [name for name in settings if name not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: {', '.join(map(repr, unknown))} unknown; expected some of: {', '.join(SETTINGS)}")
+    settings = [name for name in SETTINGS if name in settings or name in ("nanoseek auto", "torch defaults")]
     load = load_average()
     print(f"{os.cpu_count()} cores, load average before: {os.getloadavg()[0]:.2f}")
-    idle = measure(args.steps, args.repeats, loaded=False)
+    idle = measure(args.steps, args.repeats, loaded=False, settings=settings)
     print(f"load average between: {os.getloadavg()[0]:.2f}")
     time.sleep(1)
-    busy = measure(args.steps, args.repeats, loaded=True)
+    busy = measure(args.steps, args.repeats, loaded=True, settings=settings)
     base = statistics.median(r["step_s"] for r in idle["torch defaults"])
     print(f"\n{'setting':<22}{'threads':>9}{'idle s/step':>13}{'× default':>10}{'loaded s/step':>15}"
           f"{'loaded/idle':>13}{'idle cpu s':>12}{'loaded cpu s':>14}")  # fmt: skip
-    for name in SETTINGS:
+    for name in settings:
         a = statistics.median(r["step_s"] for r in idle[name])
         b = statistics.median(r["step_s"] for r in busy[name])
         ca = statistics.median(r["cpu_s"] for r in idle[name])

@@ -1,12 +1,13 @@
 """Training throughput and model FLOP utilisation (MFU) against the matmul peak measured in the same run.
 
-    python benchmarks/train_throughput.py                 # d_model 384, plain and mhc, eager and compiled, fp32/bf16
+    python benchmarks/train_throughput.py                 # d_model 384, plain and mhc, eager and compiled
     python benchmarks/train_throughput.py --quick         # a smoke run
 
 For each (residual, mode, dtype): the median seconds of a full optimizer step (forward, backward, AdamW) on random
 tokens, tokens/s, and MFU = tokens/s × analytic training FLOPs per token / peak, where the peak is the best
 FLOP/s of a large square matmul in the same dtype on this machine, measured first. Compile time is excluded (warm-up
-steps) and printed separately.
+steps) and printed separately. bf16 is measured only where the CPU has bf16 instructions (``--dtypes fp32,bf16``
+forces it): elsewhere torch emulates it, slower than fp32, and the figure says nothing about bf16 training.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 import time
 
 import torch
-from common import add_json_argument, load_average, row, write_json
+from common import add_json_argument, cpu_has_bf16, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.train.config import TrainConfig
@@ -76,7 +77,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
     p.add_argument("--residuals", default="plain,mhc")
     p.add_argument("--modes", default="eager,compiled")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="auto", help="comma-separated fp32, bf16; auto (default): fp32, and bf16 "
+                   "too when the CPU has bf16 instructions (emulated bf16 only measures the emulation)")  # fmt: skip
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one configuration each: checks that it runs")
     add_json_argument(p)
@@ -86,7 +88,10 @@ def main() -> None:
         args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.steps = 64, 2, 2, 64, 2, 2
         args.modes, args.matmul_size = "eager", 256
     torch.manual_seed(0)
-    dtypes = args.dtypes.split(",")
+    dtypes = (["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]) if args.dtypes == "auto" else args.dtypes.split(",")
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)} (or auto)")
     peaks = {d: matmul_peak(DTYPES[d], args.matmul_size, 5) for d in dtypes}
     print(f"threads={torch.get_num_threads()}  torch {torch.__version__}")
     for d, peak in peaks.items():
