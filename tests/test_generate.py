@@ -1,11 +1,13 @@
 """Batched generation with the KV cache: cache equivalence, padding, stop conditions, sampling distributions."""
 
+import copy
+
 import pytest
 import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.attention import KVCache
-from nanoseek.model.generate import generate, sample_next
+from nanoseek.model.generate import autocast_copy, generate, sample_next
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=48)
 PROMPTS = [[5, 9, 2], [7, 1, 1, 3, 8, 6, 2], [4]]  # different lengths: left padding
@@ -100,6 +102,52 @@ def test_the_prefill_and_decode_steps_equal_the_cached_forward_in_float64(extra)
         fixed.k[:, :, :, fixed.pos : fixed.pos + 1], fixed.v[:, :, :, fixed.pos : fixed.pos + 1] = k, v
         fixed.pos += 1
         tokens = want.argmax(-1)
+
+
+AUTOCAST_SHAPES = {
+    **DECODE_SHAPES,
+    "hc-untied-bias-grouped-moe": dict(
+        residual="hc", tie_embeddings=False, qkv_bias=True, ffn="moe", n_routed_experts=4, n_shared_experts=1, top_k=2
+    ),
+}
+
+
+@pytest.mark.parametrize("extra", AUTOCAST_SHAPES.values(), ids=AUTOCAST_SHAPES.keys())
+@torch.no_grad()
+def test_a_copy_with_bf16_matmul_weights_computes_what_the_model_does_under_autocast(extra):
+    """autocast_copy stores exactly the matmul-only weights in bf16 (attention and feed-forward projections, routed
+    experts, an untied head); under bf16 autocast it gives the model's logits bit for bit, in a forward and along a
+    sampled generation. Storing the router, the residual coefficients or the norms in bf16 too would not (checked
+    below, so the comparison can fail)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**CFG.__dict__, **extra})).eval()
+    low = autocast_copy(model, torch.bfloat16)
+    names = set(model.autocast_weight_names())
+    assert {n for n, p in low.named_parameters() if p.dtype == torch.bfloat16} == names and names
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+    ids = torch.randint(0, CFG.vocab_size, (3, 11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = low(ids)
+        assert torch.equal(logits, model(ids))
+        runs = [generate(m, PROMPTS, 12, generator=torch.Generator().manual_seed(1)) for m in (model, low)]
+        everything = copy.deepcopy(model).to(torch.bfloat16)(ids)  # every parameter in bf16: other numbers
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logprobs, runs[1].logprobs)
+    assert not torch.equal(everything.float(), logits.float())
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decoding_of_the_bf16_weight_copy_gives_the_models_tokens_under_autocast():
+    """What GRPO does under bf16: the compiled prefill and decode steps over autocast_copy's weights give the same
+    tokens and log-probabilities as over the float32 model's (whose graph casts the weights itself)."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    low = autocast_copy(model, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        runs = [
+            generate(m, PROMPTS, 20, generator=torch.Generator().manual_seed(2), compile=True) for m in (model, low)
+        ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].logprobs, runs[1].logprobs)
 
 
 @pytest.mark.slow

@@ -30,11 +30,11 @@ def first_char_parity_unless_even_target(prompts, completions, target, **_):
 
 
 def trainer(seed=0, rewards=None, lr=1e-2, batch_size=4, grad_accum=1, optimizer="adamw", task=None, dtype=None,
-            **cfg):  # fmt: skip
+            train_dtype="float32", **cfg):  # fmt: skip
     """A GRPO stage on the engine: batch_size × grad_accum prompts per step, 8-token completions."""
     torch.manual_seed(seed)
     train = TrainConfig(lr=lr, weight_decay=0.0, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-                        optimizer=optimizer, warmup_steps=0, schedule="constant")  # fmt: skip
+                        optimizer=optimizer, warmup_steps=0, schedule="constant", dtype=train_dtype)  # fmt: skip
     model = Transformer(TINY) if dtype is None else Transformer(TINY).to(dtype)
     engine = Engine(model, train, log=lambda message: None)
     if task is None:
@@ -321,6 +321,23 @@ def test_overlap_trains_each_batch_one_update_late_against_the_weights_that_samp
     a.close()  # afterwards no thread is left, and the batch is still pending
     assert not samplers()
     assert int(a.state_dict()["sampling_ahead"]) == 1
+
+
+def test_under_bf16_sampling_reads_a_bf16_weight_copy_that_follows_the_policy():
+    """train.dtype = bfloat16: each sampling refreshes a copy of the policy with bf16 matmul weights and samples
+    with it — the same completions and rewards as sampling with the policy under autocast, also after updates."""
+    t = trainer(seed=3, train_dtype="bfloat16")
+    assert t._low_precision is not None
+    for step in range(2):
+        start = (t.problem_index, t.generator.get_state())
+        mine = t._sample()
+        t.problem_index, _ = start
+        t.generator.set_state(start[1])
+        policy = t._sample(t.model)
+        assert mine.completion_ids == policy.completion_ids and torch.equal(mine.rewards, policy.rewards)
+        assert any(p.dtype == torch.bfloat16 for p in t._low_precision.parameters())
+        t.step(step)  # the update changes the policy; the next sampling must see it
+    assert trainer()._low_precision is None  # float32: no copy
 
 
 def test_overlap_warns_when_sampling_and_the_update_would_share_cores(monkeypatch):

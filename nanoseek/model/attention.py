@@ -96,6 +96,9 @@ def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    matmul_weights = ("q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight")
+    """Parameters used only by matmuls autocast runs in low precision (``Transformer.autocast_weight_names``)."""
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index

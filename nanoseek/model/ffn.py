@@ -18,6 +18,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); gate and up share one matmul."""
 
+    matmul_weights = ("gate_up.weight", "down.weight")  # autocast matmuls only (Transformer.autocast_weight_names)
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
@@ -29,6 +31,8 @@ class SwiGLU(nn.Module):
 
 class ReLU2(nn.Module):
     """down(relu(up(x))²)."""
+
+    matmul_weights = ("up.weight", "down.weight")  # autocast matmuls only (Transformer.autocast_weight_names)
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()

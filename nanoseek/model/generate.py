@@ -12,6 +12,7 @@ renormalise, draw (by the exponential-race form of the Gumbel-max trick). Temper
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,21 @@ def sample_next(
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
+def autocast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module | None:
+    """A frozen eval-mode copy of ``model`` whose matmul weights (``autocast_weight_names``) are stored in ``dtype``:
+    under autocast to ``dtype`` it computes what the model computes (tested), and a compiled decode step over it
+    reads those weights at half the bytes instead of casting them for every token. Its values follow the model's
+    with ``copy.load_state_dict(model.state_dict())`` (cast on the way). None for a model that does not say which
+    of its weights are matmul-only."""
+    if not hasattr(model, "autocast_weight_names"):
+        return None
+    clone = copy.deepcopy(model).requires_grad_(False).eval()
+    for name in model.autocast_weight_names():
+        weight = clone.get_parameter(name)
+        weight.data = weight.data.to(dtype)
+    return clone
+
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -91,12 +107,19 @@ def compiled_prefill_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]
     return _compiled(model, "prefill_step")
 
 
+def _guard_filter(entries: list) -> list[bool]:
+    """Which of dynamo's guards to keep: none on the attributes of torch's own modules (Linear, RMSNorm, ...), whose
+    re-checking before every step cost a third of the step, but every check on a tensor (dtype, shape, device):
+    a model of the same shape with its weights in another dtype must compile its own graph, not reuse this one."""
+    keep = torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe(entries)
+    return [k or e.guard_type == "TENSOR_MATCH" for k, e in zip(keep, entries, strict=True)]
+
+
 def _compiled(model: torch.nn.Module, method: str) -> Callable[..., torch.Tensor]:
     steps = _COMPILED.setdefault(model, {})
     if method not in steps:
-        # guards on torch's own modules (Linear, RMSNorm, ...) are dropped: re-checking their attributes before every
-        # step cost a third of the step; parameters stay graph inputs, so updated weights are still seen
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
+        # parameters stay graph inputs, so updated weights are still seen
+        options = {"guard_filter_fn": _guard_filter}
         steps[method] = torch.compile(getattr(model, method), options=options)
     return steps[method]
 

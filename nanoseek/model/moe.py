@@ -58,6 +58,8 @@ class RoutedExperts(nn.Module):
     """N_r SwiGLU experts stored as stacked matrices, gate_up: (E, C, 2H), down: (E, H, C), so that expert e maps
     rows x (n, C) to swiglu(x @ gate_up[e]) @ down[e] — the layout grouped_mm takes."""
 
+    matmul_weights = ("gate_up", "down")  # cast to autocast's dtype at every use (Transformer.autocast_weight_names)
+
     def __init__(self, n_experts: int, dim: int, hidden: int, dispatch: str, init_std: float = 0.02):
         super().__init__()
         self.dispatch = dispatch

@@ -232,6 +232,19 @@ class Transformer(nn.Module):
         moe = c.n_routed_experts * c.d_model + experts * 3 * c.d_model * c.expert_width
         return c.first_k_dense * dense + (c.n_layers - c.first_k_dense) * moe
 
+    def autocast_weight_names(self) -> list[str]:
+        """Names of the parameters that serve only as matmul weights autocast computes in its low precision — the
+        attention and feed-forward projections, the routed experts, an untied head (each module lists its own in a
+        ``matmul_weights`` attribute). Under autocast, a copy of the model that stores these in autocast's dtype
+        computes the same numbers without casting them again at every call, which a compiled decode step otherwise
+        does for every token. Everything else stays float32 by design: embeddings (the tied head too), norms, the
+        MoE router (float32 with autocast off) and the residual streams' coefficients (DESIGN.md §3)."""
+        names = ["head.weight"] if self.head is not None else []
+        for prefix, module in self.named_modules():
+            own = dict(module.named_parameters())
+            names += [f"{prefix}.{name}" for name in getattr(module, "matmul_weights", ()) if name in own]
+        return names
+
     def num_params(self, active: bool = False) -> int:
         """Parameter count from the config alone (a test checks it against the real tensors). ``active=True``
         counts the parameters one token uses: an MoE layer's idle routed experts are left out."""

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from nanoseek.data.tasks import Task
+from nanoseek.model.generate import autocast_copy
 from nanoseek.rl.process import process_advantages, rollout_steps
 from nanoseek.rl.rewards import RewardFn, default_rewards, overlong_reward
 from nanoseek.rl.rollout import Rollout, sample_rollout, token_logprobs
@@ -259,6 +260,11 @@ class GRPO:
         self.problem_index = 0
         # with overlap: the weights that sample the next batch, the thread sampling it, and where it started
         self.sampler = copy.deepcopy(model).requires_grad_(False).eval() if cfg.overlap else None
+        # under bf16 autocast, on-policy sampling reads a copy whose matmul weights are stored in bf16, refreshed
+        # from the policy before every sampling: the same numbers, without the compiled decode step casting every
+        # weight for every token (with overlap, the sampling weights are a copy already and stay float32)
+        low = engine.cfg.dtype == "bfloat16" and not cfg.overlap
+        self._low_precision = autocast_copy(model, torch.bfloat16) if low else None
         cores = os.cpu_count() or 1
         if cfg.overlap and engine.device.type == "cpu" and 2 * torch.get_num_threads() > cores:
             threads, half = torch.get_num_threads(), max(cores // 2, 1)
@@ -273,6 +279,9 @@ class GRPO:
         return self.engine.model
 
     def _sample(self, model: torch.nn.Module | None = None) -> Rollout:
+        if model is None and self._low_precision is not None:
+            self._low_precision.load_state_dict(self.model.state_dict())  # the policy's weights as they are now
+            model = self._low_precision
         model = self.model if model is None else model
         n, d = self.prompts_per_step, self.engine.dist
         first = self.problem_index + d.rank * n  # this process's slice of every step's problems
