@@ -77,6 +77,7 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
     for attempt in range(1 + a.reruns):
         quiet, load, others_before = wait_until_quiet(a.max_load, a.max_others, a.max_wait)
         path.unlink(missing_ok=True)
+        commit = source_commit()
         busy0, own0 = cpu_seconds()
         t0 = time.monotonic()
         relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -91,7 +92,7 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             return {"benchmark": name, "status": f"failed (exit {done.returncode}): {last}", "rows": []}
         result = json.loads(path.read_text())
-        result |= {"seconds": elapsed, "others_cores": others, "others_before": others_before}
+        result |= {"seconds": elapsed, "others_cores": others, "others_before": others_before, "commit": commit}
         clean = quiet and others <= a.max_others
         result["status"] = "ok" if clean else "load too high"
         print(f"[{name}] {elapsed:.0f} s, other processes {others:.2f} cores: {result['status']}", flush=True)
@@ -99,6 +100,17 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
             break
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def source_commit() -> str:
+    """The checkout's commit, with "+changes" when nanoseek's or the benchmarks' tracked files differ from it: a
+    long run records it before each benchmark, so a row says which code measured it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "nanoseek", "benchmarks", "pyproject.toml")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
 def machine() -> dict:
@@ -113,9 +125,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        "commit": source_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

@@ -18,7 +18,8 @@ Written by `make bench` (`benchmarks/bench.py`, then `benchmarks/table.py`): eve
 size given in its command, each result a ratio measured in one run where the figure is a comparison. "Load" is the
 1-minute load average before and after the benchmark; "others" is the CPU (in cores) that processes other than the
 benchmark used while it ran, measured from /proc/stat. A row marked **load too high** was measured while other work
-competed for the cores (after waiting and rerunning): its figure is noise, not a result.
+competed for the cores (after waiting and rerunning): its figure is noise, not a result. "Commit" is the code each
+benchmark ran ("+changes": with uncommitted changes to nanoseek or the benchmarks).
 """
 
 
@@ -65,19 +66,20 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
                 value += " (load too high)"
             lines.append(f"| {name} | {r['metric']} | {value} | {r['goal'] or '—'} | {verdict(r, status)} |")
     lines.append("\n## How each was run\n")
-    lines.append("| benchmark | command | threads | load before → after | others (cores) | minutes | status |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| benchmark | command | threads | load before → after | others (cores) | minutes | status | commit |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for name in order:
         res = found[name]
         if "command" not in res:
-            lines.append(f"| {name} | — | — | — | — | — | {res['status']} |")
+            lines.append(f"| {name} | — | — | — | — | — | {res['status']} | — |")
             continue
         others = f"{res['others_cores']:.2f}" if "others_cores" in res else "—"
         minutes = f"{res['seconds'] / 60:.1f}" if "seconds" in res else "—"
         command = res["command"].replace(f"{ROOT}/", "")  # paths relative to the checkout
         lines.append(
             f"| {name} | `{command}` | {res['threads']} | {res['load_before']:.2f} → "
-            f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', 'not run by bench.py')} |"
+            f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', 'not run by bench.py')} | "
+            f"{res.get('commit', '—')} |"
         )
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

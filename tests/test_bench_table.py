@@ -30,7 +30,7 @@ def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch
     write_json(tmp_path / "busy.json", "busy", [row("speed ratio", 1.05, "×", "<= 1.1")], 3.5, 2)
     for name, status in (("quiet", "ok"), ("busy", "load too high")):
         result = json.loads((tmp_path / f"{name}.json").read_text()) | {"status": status, "others_cores": 0.1}
-        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0}))
+        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": f"{name[0]}bc1234"}))
     (tmp_path / "peer.json").write_text(json.dumps({"benchmark": "peer", "status": "skipped: trl not installed",
                                                     "rows": []}))  # fmt: skip
     write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer"])
@@ -40,3 +40,5 @@ def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch
     assert "| busy | speed ratio | 1.05 × (load too high) | <= 1.1 | (load too high) |" in text
     assert "| peer | skipped: trl not installed |" in text
     assert "| quiet | `quiet.py --json x` | 2 | 0.20 →" in text
+    assert "| ok | qbc1234 |" in text and "| load too high | bbc1234 |" in text  # the code each one ran
+    assert "| peer | — | — | — | — | — | skipped: trl not installed | — |" in text
