@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "moe_throughput": (["--threads", "2", "--skip-quality"], []),
     "train_throughput": (["--steps", "4"], []),
     "grpo_vs_trl": ([], ["trl", "transformers", "datasets"]),
+    "autocast_copy": ([], []),
     "hf_parity": (["--threads", "2", "--repeats", "3"], ["transformers"]),
     "decode_speed": ([], []),
     "serve_load": (["--seconds", "5"], ["fastapi", "uvicorn", "httpx"]),
