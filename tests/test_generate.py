@@ -175,6 +175,10 @@ def test_compiled_decoding_gives_the_same_tokens_as_eager(extra):
         ]
         assert torch.equal(runs[0].tokens, runs[1].tokens) and torch.equal(runs[0].mask, runs[1].mask)
         torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-6)  # (stored in float32)
+        eager_prefill = generate(model, PROMPTS, 30, generator=torch.Generator().manual_seed(3), stop=("QQ",),
+                                 decode=letters, compile=True, compile_prefill=False, **kwargs)  # fmt: skip
+        assert torch.equal(eager_prefill.tokens, runs[0].tokens)  # a compiled decode after an eager prefill
+        torch.testing.assert_close(eager_prefill.logprobs, runs[0].logprobs, rtol=0, atol=1e-6)
     # a second call, with other prompt lengths and batch size, reuses the compiled step and still agrees
     again = [generate(model, [[9, 8, 7, 6, 5, 4, 3, 2]], 12, temperature=0.0, compile=c) for c in (False, True)]
     assert torch.equal(again[0].tokens, again[1].tokens)

@@ -183,6 +183,7 @@ def generate(
     use_cache: bool = True,
     share_prompts: bool = True,
     compile: bool = False,
+    compile_prefill: bool | None = None,
     pad_id: int = 0,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
@@ -196,7 +197,10 @@ def generate(
     are prefilled once and their cache rows copied to every row that repeats them; the tokens are the same as
     without it (tested). ``compile`` decodes with the torch.compile'd step (``Transformer.decode_step``):
     the first call compiles (tens of seconds), later ones — any prompt length, budget or batch size — reuse it and
-    decode about twice as fast as eager PyTorch, whose per-operation overhead dominates a small model's step."""
+    decode about twice as fast as eager PyTorch, whose per-operation overhead dominates a small model's step.
+    ``compile_prefill`` (default: ``compile``) says whether the prompts' prefill runs compiled too: a caller that
+    prefills a few short prompts once per batch (GRPO) passes False, since that graph takes tens of seconds to
+    compile on a cold cache (27 s for GRPO's benchmark model) and would save milliseconds per batch."""
     require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "prompts", "…", "expected non-empty token lists")
     require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, "max_new_tokens", max_new_tokens, "expected >= 1")
     require(temperature >= 0, "temperature", temperature, "expected >= 0 (0 is greedy)")
@@ -220,19 +224,20 @@ def generate(
 
     dtype = next(model.parameters()).dtype
     cache = None
+    compile_prefill = compile if compile_prefill is None else compile_prefill
     if use_cache:
         distinct: dict[tuple[int, ...], int] = {}  # each distinct prompt -> its index among the distinct ones
         rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts] if share_prompts else []
         if share_prompts and len(distinct) < b:  # prefill every distinct prompt once, then copy its cache rows
             first = torch.tensor([rows.index(i) for i in range(len(distinct))], device=device)
             cache = KVCache(model.cfg, len(distinct), longest + max_new_tokens, device, dtype)
-            logits = prefill(model, cache, seq[first], pad_mask[first], compile)
+            logits = prefill(model, cache, seq[first], pad_mask[first], compile_prefill)
             expand = torch.tensor(rows, device=device)
             logits = logits[expand]  # (B, V)
             cache.k, cache.v, cache.valid = cache.k[:, expand], cache.v[:, expand], cache.valid[expand]
         else:
             cache = KVCache(model.cfg, b, longest + max_new_tokens, device, dtype)
-            logits = prefill(model, cache, seq, pad_mask, compile)  # (B, V)
+            logits = prefill(model, cache, seq, pad_mask, compile_prefill)  # (B, V)
     else:
         logits = model(seq, pad_mask=pad_mask)[:, -1]
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)

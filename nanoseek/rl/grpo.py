@@ -296,6 +296,7 @@ class GRPO:
                 max_new_tokens=self.task.max_new_tokens, template=self.task.template, temperature=c.temperature,
                 top_k=c.top_k, top_p=c.top_p, stop=self.task.stop, generator=self.generator,
                 share_prompts=c.share_prompt, compile=self.engine.cfg.compile,
+                compile_prefill=False,  # a few short prompts per step: not worth a graph that compiles for ~30 s
             )  # fmt: skip
         model.train(was_training)
         return rollout
