@@ -52,8 +52,8 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
     bf16 = "yes" if machine["bf16"] else "no"
     lines.append(
         f"Machine: {machine['cpu']}, {machine['cores']} cores (bf16 instructions: {bf16}); Python "
-        f"{machine['python']}, torch {machine['torch']} ({machine['torch_threads']} threads by default); commit "
-        f"`{machine['commit']}`, {machine['date']}.\n"
+        f"{machine['python']}, torch {machine['torch']} ({machine['torch_threads']} threads by default); last run "
+        f"at commit `{machine['commit']}`, {machine['date']} (each benchmark's own commit is in the second table).\n"
     )
     lines.append("| benchmark | figure | value | goal | met |\n|---|---|---|---|---|")
     for name in order:
@@ -95,7 +95,9 @@ def main() -> None:
     a = p.parse_args()
     if not (a.results / "machine.json").exists():
         raise SystemExit(f"{a.results}: no machine.json; run benchmarks/bench.py first")
-    write_table(a.results, a.out)
+    from bench import BENCHMARKS  # the table's order: make bench's
+
+    write_table(a.results, a.out, list(BENCHMARKS))
     print(f"wrote {a.out}")
 
 
