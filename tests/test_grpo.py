@@ -335,8 +335,12 @@ def test_under_bf16_sampling_reads_a_bf16_weight_copy_that_follows_the_policy():
         t.generator.set_state(start[1])
         policy = t._sample(t.model)
         assert mine.completion_ids == policy.completion_ids and torch.equal(mine.rewards, policy.rewards)
-        assert any(p.dtype == torch.bfloat16 for p in t._low_precision.parameters())
+        q = t.model.blocks[0].attn.fn.q.weight
+        assert t._low_precision.blocks[0].attn.fn.q.weight.dtype == torch.bfloat16
+        assert torch.equal(t._low_precision.blocks[0].attn.fn.q.weight, q.detach().to(torch.bfloat16))
+        before = q.detach().clone()
         t.step(step)  # the update changes the policy; the next sampling must see it
+        assert not torch.equal(q.detach(), before)
     assert trainer()._low_precision is None  # float32: no copy
 
 
