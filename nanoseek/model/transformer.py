@@ -241,8 +241,8 @@ class Transformer(nn.Module):
         MoE router (float32 with autocast off) and the residual streams' coefficients (DESIGN.md §3)."""
         names = ["head.weight"] if self.head is not None else []
         for prefix, module in self.named_modules():
-            own = dict(module.named_parameters())
-            names += [f"{prefix}.{name}" for name in getattr(module, "matmul_weights", ()) if name in own]
+            listed = getattr(module, "matmul_weights", ())
+            names += [f"{prefix}.{name}" for name, _ in module.named_parameters() if name in listed]
         return names
 
     def num_params(self, active: bool = False) -> int:

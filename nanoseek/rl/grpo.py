@@ -278,11 +278,14 @@ class GRPO:
     def model(self) -> torch.nn.Module:
         return self.engine.model
 
-    def _sample(self, model: torch.nn.Module | None = None) -> Rollout:
-        if model is None and self._low_precision is not None:
-            self._low_precision.load_state_dict(self.model.state_dict())  # the policy's weights as they are now
-            model = self._low_precision
-        model = self.model if model is None else model
+    def _policy_for_sampling(self) -> torch.nn.Module:
+        """The policy, or under bf16 its copy with bf16 matmul weights, refreshed to the policy's weights now."""
+        if self._low_precision is None:
+            return self.model
+        self._low_precision.load_state_dict(self.model.state_dict())
+        return self._low_precision
+
+    def _sample(self, model: torch.nn.Module) -> Rollout:
         n, d = self.prompts_per_step, self.engine.dist
         first = self.problem_index + d.rank * n  # this process's slice of every step's problems
         problems = [self.task.problem("train", self.engine.cfg.seed, first + i) for i in range(n)]
@@ -305,6 +308,7 @@ class GRPO:
         """(rollouts sampled, their groups kept for training), sampled by ``model`` (default: the policy). Without
         dynamic sampling every group is kept."""
         sampled, kept, n_kept = [], [], 0
+        model = self._policy_for_sampling() if model is None else model  # once: refill rounds sample the same weights
         for _ in range(1 + (self.cfg.max_refill_rounds if self.cfg.dynamic_sampling else 0)):
             rollout = self._sample(model)
             sampled.append(rollout)
