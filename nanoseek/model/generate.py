@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.inductor import prepare_in_background
 from nanoseek.model.attention import KVCache
 from nanoseek.schema import require
 
@@ -121,6 +122,8 @@ def _compiled(model: torch.nn.Module, method: str) -> Callable[..., torch.Tensor
         # parameters stay graph inputs, so updated weights are still seen
         options = {"guard_filter_fn": _guard_filter}
         steps[method] = torch.compile(getattr(model, method), options=options)
+        device = next(model.parameters()).device.type
+        prepare_in_background(device)  # inductor's once-per-process CPU probes, overlapping the first trace
     return steps[method]
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.inductor import prepare_in_background
+
 
 @dataclass
 class Dist:
@@ -82,12 +84,18 @@ def parallelize(model: nn.Module, parallel: str, compile: bool, d: Dist) -> nn.M
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        return torch.compile(model) if compile else model
-    compiled = torch.compile(model) if compile else model
+        return _compile(model, d) if compile else model
+    compiled = _compile(model, d) if compile else model
     if d.world == 1:
         return compiled
     ids = [d.local_rank] if d.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(compiled, device_ids=ids)
+
+
+def _compile(model: nn.Module, d: Dist) -> nn.Module:
+    compiled = torch.compile(model)
+    prepare_in_background(d.device.type)  # inductor's once-per-process CPU probes, overlapping the first trace
+    return compiled
 
 
 @contextmanager
