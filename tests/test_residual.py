@@ -117,6 +117,30 @@ def test_coefficients_stay_float32_under_bf16_autocast(residual):
     torch.testing.assert_close(site.mixing_matrix(x), coefficients[2])
 
 
+@pytest.mark.parametrize("kind", ["mhc", "moe"])
+def test_a_float32_graph_has_no_autocast_switch_so_the_compile_cache_keeps_it(kind):
+    """torch 2.13's AOTAutograd cache bypasses any graph that switches autocast; only bf16 models need the switch."""
+    kw = dict(residual="mhc") if kind == "mhc" else dict(ffn="moe", n_routed_experts=4, top_k=2, n_shared_experts=1)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, seq_len=16, **kw))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def switches(autocast: bool) -> int:
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.compile(model, backend=record)(torch.randint(0, 64, (2, 16)))
+        enter = torch.amp.autocast_mode._enter_autocast
+        return sum(node.target is enter for gm in graphs for node in gm.graph.nodes)
+
+    assert switches(autocast=False) == 0
+    assert switches(autocast=True) > 0  # the float32 regions of a bf16 model
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("kind", sorted(RESIDUALS))
 def test_each_kind_reports_its_parameters_flops_and_coefficients(kind):
     """What a residual class reports about itself agrees with the modules it builds."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.ffn import SwiGLU, swiglu
-from nanoseek.model.residual import upcast
+from nanoseek.model.residual_kernels import autocast_off, upcast
 
 
 def sequence_balance_loss(
@@ -118,7 +118,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (..., C) -> gate weights (..., k) fp32, chosen experts (..., k), affinities (..., E) fp32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             affinity = torch.sigmoid(F.linear(upcast(x), upcast(self.router.weight)))
             chosen = torch.topk(affinity + self.expert_bias.to(affinity.dtype), self.top_k, dim=-1).indices
             s = affinity.gather(-1, chosen)

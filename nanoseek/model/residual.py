@@ -32,7 +32,7 @@ from torch import nn
 
 from nanoseek.model import residual_kernels as kernels
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.residual_kernels import upcast
+from nanoseek.model.residual_kernels import autocast_off, upcast
 
 __all__ = ["RESIDUALS", "HyperConnection", "ManifoldHyperConnection", "PlainResidual", "make_residual", "upcast"]
 
@@ -269,7 +269,7 @@ class _StreamResidual(Residual):
 
     def coefficients(self, x: torch.Tensor, replay: tuple = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(H_pre, H_post, H_res) for the streams x: (..., n, C), in fp32 even under autocast."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return self._coefficients(upcast(x), replay)
 
     def mixing_matrix(self, x: torch.Tensor | Streams) -> torch.Tensor:
@@ -282,10 +282,10 @@ class _StreamResidual(Residual):
         x, replay = (state.x, state.replay) if isinstance(state, Streams) else (state, ())
         x = x.contiguous()
         h_pre, h_post, h_res = self.coefficients(x, replay)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             read = self.ops.read_streams(x, h_pre, upcast(self.norm.weight), self.norm.eps, replay)  # RMSNorm(H_pre·x)
         y = self.fn(read.to(x.dtype), **kwargs)  # F runs once, on a C-vector: (..., C)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             out = self.ops.mix_streams(x, h_res, h_post, y, replay)  # H_res · x + H_postᵀ · y: (..., n, C)
         if not isinstance(state, Streams):
             return out
