@@ -200,9 +200,15 @@ def test_attention_is_written_out_only_for_short_differentiated_cpu_attention(mo
     with torch.no_grad():
         attention.attend(short, short, short, None, True)
     assert len(calls) == 1  # no gradient: the fused kernel, faster forward-only
-    long = torch.randn(1, 2, attention.SHORT_KEYS + 1, 4, requires_grad=True)
+    long = torch.randn(1, 2, attention.SHORT_KEYS[torch.float32] + 1, 4, requires_grad=True)
     attention.attend(long, long, long, None, True)
     assert len(calls) == 2  # long: the fused kernel
+    middle = torch.randn(1, 2, 100, 4, requires_grad=True)
+    attention.attend(middle, middle, middle, None, True)
+    assert len(calls) == 3  # float32 over 100 keys: the fused kernel
+    middle = middle.detach().to(torch.bfloat16).requires_grad_()
+    attention.attend(middle, middle, middle, None, True)
+    assert len(calls) == 3  # bf16 over 100 keys: written out
 
 
 def test_written_out_attention_computes_in_float32_under_bf16_autocast():
@@ -236,7 +242,7 @@ def test_a_model_computes_the_same_loss_and_gradients_either_way(monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     written_out, grads = loss_and_grads()
-    monkeypatch.setattr(attention, "SHORT_KEYS", 0)  # every attention through the fused kernel
+    monkeypatch.setattr(attention, "SHORT_KEYS", {})  # every attention through the fused kernel
     fused, fused_grads = loss_and_grads()
     torch.testing.assert_close(written_out, fused, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, fused_grads, strict=True):

@@ -96,21 +96,23 @@ def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
     return (causal & valid[:, None, None, :]) | (k_pos == q_pos)
 
 
-SHORT_KEYS = 128
-"""On CPU, attention that autograd will differentiate over at most this many keys is written out (``attend``)."""
+SHORT_KEYS = {torch.bfloat16: 128, torch.float16: 128, torch.float32: 64, torch.float64: 64}
+"""On CPU, attention that autograd will differentiate over at most this many keys (by dtype) is written out."""
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """softmax(q·kᵀ/√D + mask)·v. q: (B, H, T_q, D); k, v: (B, H, T_k, D); mask: (B, 1, T_q, T_k) bool (True = may
     attend) or None; causal (only with T_q = T_k and no mask): the causal mask.
 
-    ``scaled_dot_product_attention`` except on CPU when gradients will flow and there are at most ``SHORT_KEYS``
-    keys: there torch's fused CPU kernel takes ~3× as long forward + backward as the same maths written out (bf16,
-    32 rows × 4 heads × 43 tokens, GRPO's update: 18.5 ms against 6.2 ms compiled, 17.7 against 5.7 eager; float32
-    7.8 against 5.6; docs/LOG.md), while from ~256 keys on it is the faster one. Written out (``_short_attention``),
-    scores, softmax and the weighted sum run in float32 (float64 for a float64 model), as the fused kernel
-    accumulates."""
-    if not (q.device.type == "cpu" and k.shape[-2] <= SHORT_KEYS and q.requires_grad and torch.is_grad_enabled()):
+    ``scaled_dot_product_attention``, except on CPU when gradients will flow over few keys (``SHORT_KEYS``): there
+    torch's fused CPU kernel is slow forward + backward and the same maths written out (``_short_attention``) is
+    not. Per layer, 2 threads (docs/LOG.md): bf16, 32 rows × 4 heads × 43 tokens (GRPO's update) 16.7 ms against
+    4.7 eager, 12.0 against 4.3 compiled; bf16, 16 × 4 × 128 (the demo's shape) 19.0 against 9.2; float32 at 43
+    tokens 5.1 against 3.6, but at 128 tokens 10.4 against 15.0 — so float32 keeps the fused kernel above 64 keys.
+    Written out, scores, softmax and the weighted sum run in float32 (float64 for a float64 model), as the fused
+    kernel accumulates."""
+    short = k.shape[-2] <= SHORT_KEYS.get(q.dtype, 0)
+    if not (q.device.type == "cpu" and short and q.requires_grad and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return _short_attention(q, k, v, mask, causal)[0]
 
