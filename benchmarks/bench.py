@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "train_throughput": (["--steps", "4"], []),
     "grpo_vs_trl": ([], ["trl", "transformers", "datasets"]),
     "autocast_copy": ([], []),
+    "short_attention": ([], []),
     "hf_parity": (["--threads", "2", "--repeats", "3"], ["transformers"]),
     "decode_speed": ([], []),
     "serve_load": (["--seconds", "5"], ["fastapi", "uvicorn", "httpx"]),

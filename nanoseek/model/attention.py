@@ -106,11 +106,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     ``scaled_dot_product_attention``, except on CPU when gradients will flow over few keys (``SHORT_KEYS``): there
     torch's fused CPU kernel is slow forward + backward and the same maths written out (``_short_attention``) is
-    not. Per layer, 2 threads (docs/LOG.md): bf16, 32 rows × 4 heads × 43 tokens (GRPO's update) 16.7 ms against
-    4.7 eager, 12.0 against 4.3 compiled; bf16, 16 × 4 × 128 (the demo's shape) 19.0 against 9.2; float32 at 43
-    tokens 5.1 against 3.6, but at 128 tokens 10.4 against 15.0 — so float32 keeps the fused kernel above 64 keys.
-    Written out, scores, softmax and the weighted sum run in float32 (float64 for a float64 model), as the fused
-    kernel accumulates."""
+    not (``benchmarks/short_attention.py``, one layer, 2 threads: bf16 at GRPO's 32 × 4 heads × 43 tokens 0.31×
+    the fused kernel's time compiled, 0.42× eager; float32 0.73×; at the demo's 128 tokens bf16 0.62× but float32
+    1.04–1.25×, hence float32's lower limit). Written out, scores, softmax and the weighted sum run in float32
+    (float64 for a float64 model), as the fused kernel accumulates."""
     short = k.shape[-2] <= SHORT_KEYS.get(q.dtype, 0)
     if not (q.device.type == "cpu" and short and q.requires_grad and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
