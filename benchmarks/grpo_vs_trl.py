@@ -16,13 +16,17 @@ batch, generations, loss and optimiser settings; bf16 where the CPU has bf16 ins
 whether it used it). The problem streams differ (TRL shuffles its dataset with its seed; nanoseek draws from the task's
 generator) but come from the same distribution.
 
-Reported, for each trainer: median seconds per step after --warmup steps; the wall time (sum of step times) until the
-mean training reward over --window consecutive steps first reaches --target (or "not reached" within --steps); by
+Each trainer runs --seeds times (seeds 0.., problem order and sampling; default 3), the two taking turns: a single
+run's time to the reward is mostly chance (32 completions a step), and moved between 0.43× and 0.69× TRL's in
+single runs. Reported, for each run and as medians over the seeds: seconds per step after --warmup steps; the wall
+time (sum of step times) until the mean training reward over --window consecutive steps first reaches --target (a
+seed that never does counts as infinitely late, so the median says "not reached" when most did not); by
 default the target is the cold-started weights' own reward (measured before either trainer starts) plus --gain, so that
 it lies above where both start (a learning rate of 1e-4 raises both trainers' 10-step reward by about 0.1 within 100
-steps; 3e-4 and above make it fall); the wall time includes compiling (nanoseek) and TRL's first-step set-up, and is
-also given without them (the first --warmup steps' time beyond the median step); the fraction of groups whose rewards
-were all equal (zero variance: with β = 0 they carry no gradient; nanoseek skips them, TRL computes them); and for
+steps; 3e-4 and above make it fall); the wall time includes compiling (nanoseek) and TRL's first-step set-up
+once — the first run's, since later seeds in the same process reuse its compiled graphs — and is also given
+without them (the first --warmup steps' time beyond the median step); the fraction of groups whose rewards were all
+equal (zero variance: with β = 0 they carry no gradient; nanoseek skips them, TRL computes them); and for
 nanoseek the step's compute floor: its FLOPs (generation + update, analytic) at this machine's matmul rate in nanoseek's
 dtype, measured in the same run, and the ratio of the median step to it (goal ≤ 1.5).
 Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
@@ -30,13 +34,14 @@ Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
 Needs the ``bench`` extra, installed with torch pinned so pip keeps the CPU build:
     .venv/bin/pip install -e ".[bench]" torch==2.13.0
 
-    python benchmarks/grpo_vs_trl.py [--steps 100] [--gain 0.07 | --target R] [--window 10] [--lr 1e-4]
+    python benchmarks/grpo_vs_trl.py [--seeds 3] [--steps 100] [--gain 0.07 | --target R] [--window 10] [--lr 1e-4]
                                      [--no-share-prompt] [--no-compile] [--no-bf16] [--overlap]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -132,6 +137,16 @@ def time_to_reward(times: list[float], rewards: list[float], target: float, wind
     return None
 
 
+START_SEED = 1000  # the start reward's problems: a seed no run uses (runs use 0 .. --seeds - 1)
+
+
+def median_reached(times: list[float | None]) -> float | None:
+    """Median of the seeds' times to the reward, a seed that never reached it counting as infinitely late (None
+    when the median is: most seeds did not reach it)."""
+    median = statistics.median(math.inf if t is None else t for t in times)
+    return None if math.isinf(median) else median
+
+
 def start_reward(state: dict, batches: int = 8) -> float:
     """Mean training reward of the cold-started weights before any GRPO update: ``batches`` × 32 completions
     sampled by nanoseek's GRPO stage from another seed's problems than the runs' (the same weights start both)."""
@@ -140,17 +155,17 @@ def start_reward(state: dict, batches: int = 8) -> float:
     model.load_state_dict(state)
     t = task()
     rewards = {"accuracy": (accuracy_reward(t), 1.0), "format": (format_reward, 0.1)}
-    trainer = GRPO(Engine(model, train_config(1e-3, batch_size=PROMPTS, seed=1), log=lambda m: None),
+    trainer = GRPO(Engine(model, train_config(1e-3, batch_size=PROMPTS, seed=START_SEED), log=lambda m: None),
                    CharTokenizer(), t, GRPOConfig(group_size=GROUP), rewards)  # fmt: skip
     return statistics.mean(trainer.collect()[0][0].rewards.mean().item() for _ in range(batches))
 
 
-def run_nanoseek(state: dict, a: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
+def run_nanoseek(state: dict, a: argparse.Namespace, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
     model = Transformer(model_config())
     model.load_state_dict(state)
     cfg = train_config(a.lr, batch_size=PROMPTS, dtype="bfloat16" if a.bf16 else "float32", compile=a.compile,
-                       steps=a.steps)  # fmt: skip
+                       steps=a.steps, seed=seed)  # fmt: skip
     engine = Engine(model, cfg, log=lambda message: None)
     t = task()
     rewards = {"accuracy": (accuracy_reward(t), 1.0), "format": (format_reward, 0.1)}
@@ -172,7 +187,7 @@ def run_nanoseek(state: dict, a: argparse.Namespace) -> dict:
     return out
 
 
-def run_trl(state: dict, a: argparse.Namespace) -> dict:
+def run_trl(state: dict, a: argparse.Namespace, seed: int = 0) -> dict:
     import transformers
     import trl
     from datasets import Dataset
@@ -202,7 +217,8 @@ def run_trl(state: dict, a: argparse.Namespace) -> dict:
     probe = torch.randint(0, EOS + 1, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         delta = float((ours(probe) - hf.eval()(probe).logits).abs().max())
-    print(f"same weights in both: max |Δ logits| nanoseek vs Llama = {delta:.2e}")
+    if seed == 0:
+        print(f"same weights in both: max |Δ logits| nanoseek vs Llama = {delta:.2e}")
     t = task()
     probs = [t.problem("train", 0, i) for i in range(PROMPTS * (a.steps + 2))]
     data = Dataset.from_list([{"prompt": render_prompt("compact", p.question), "target": p.answer} for p in probs])
@@ -238,7 +254,7 @@ def run_trl(state: dict, a: argparse.Namespace) -> dict:
             max_completion_length=NEW_TOKENS, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0,
             adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, loss_type="dapo", beta=0.0, num_iterations=1,
             temperature=1.0, reward_weights=[1.0, 0.1], max_steps=a.steps, use_cpu=True, bf16=BF16,
-            save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=0,
+            save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True, seed=seed,
         )  # fmt: skip
         trainer = TRLTrainer(
             model=f"{folder}/model", reward_funcs=[trl_accuracy, trl_format], args=args, train_dataset=data,
@@ -271,11 +287,16 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="nanoseek with grpo.overlap: the next batch sampled "
                         "while this one trains (one step off-policy), each side on one torch thread, so nanoseek "
                         "uses the same two cores TRL's two threads do")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3, help="runs per trainer, seeds 0.. (problem order and "
+                        "sampling), taking turns; medians are reported (default 3: one run's time to the reward "
+                        "moved 0.43-0.69x TRL's between runs)")  # fmt: skip
     parser.add_argument("--skip-trl", action="store_true", help="nanoseek only")
     add_json_argument(parser)
     a = parser.parse_args()
     if a.bf16 is None:
         a.bf16 = BF16
+    if a.seeds < 1:
+        parser.error(f"--seeds={a.seeds} is invalid: expected at least 1")
     if a.steps <= a.warmup:
         parser.error(f"--steps={a.steps} is invalid: expected more than --warmup={a.warmup}")
     load = load_average()
@@ -289,52 +310,66 @@ def main() -> None:
         a.target = round(start + a.gain, 3)
         print(f"reward of the cold-started weights {start:.3f} (256 completions): target {a.target}")
     threads = torch.get_num_threads()
-    if a.overlap:
-        torch.set_num_threads(1)  # two Python threads (sampling, update) of one torch thread each
-    runs = [run_nanoseek(state, a)]
-    torch.set_num_threads(threads)
-    if not a.skip_trl:
-        runs.append(run_trl(state, a))
+    trainers: dict[str, list[dict]] = {"nanoseek": []} if a.skip_trl else {"nanoseek": [], "TRL": []}
+    for seed in range(a.seeds):  # the trainers take turns, so a slow spell of the machine hits both
+        if a.overlap:
+            torch.set_num_threads(1)  # two Python threads (sampling, update) of one torch thread each
+        trainers["nanoseek"].append(run_nanoseek(state, a, seed))
+        torch.set_num_threads(threads)
+        if not a.skip_trl:
+            trainers["TRL"].append(run_trl(state, a, seed))
     rate = matmul_flops_per_second(torch.bfloat16 if a.bf16 else torch.float32)
-    rows, reach = [], {}
-    for r in runs:
-        step = statistics.median(r["times"][a.warmup :])
-        reach[r["name"]] = time_to_reward(r["times"], r["rewards"], a.target, a.window)
-        got = reach[r["name"]]
-        r["compile"] = compile_seconds(r["times"], a.warmup)
-        reached = f"{got:.1f} s" if got is not None else f"not reached within {a.steps} steps"
-        first, last = statistics.mean(r["rewards"][: a.window]), statistics.mean(r["rewards"][-a.window :])
-        print(f"{r['name']}: {step:.3f} s/step (median of {len(r['times']) - a.warmup}); reward {first:.3f} over the "
-              f"first {a.window} steps, {last:.3f} over the last; zero-variance groups "
-              f"{statistics.mean(r['zero_var']):.2f}; time to reward {a.target}: "
-              f"{reached} (the first steps' extra time, compiling: {r['compile']:.1f} s)")  # fmt: skip
-        r["step"] = step
-    ours = runs[0]
-    floor = statistics.median(ours["flops"][a.warmup :]) / rate
-    gen = statistics.median(ours["generation"][a.warmup :])
+    summary = {}
+    for key, runs in trainers.items():
+        for seed, r in enumerate(runs):
+            r["step"] = statistics.median(r["times"][a.warmup :])
+            r["compile"] = compile_seconds(r["times"], a.warmup)
+            got = time_to_reward(r["times"], r["rewards"], a.target, a.window)
+            r["warm"] = None if got is None else got - r["compile"]
+            reached = f"{got:.1f} s" if got is not None else f"not reached within {a.steps} steps"
+            first, last = statistics.mean(r["rewards"][: a.window]), statistics.mean(r["rewards"][-a.window :])
+            print(f"{r['name']}, seed {seed}: {r['step']:.3f} s/step (median of {len(r['times']) - a.warmup}); "
+                  f"reward {first:.3f} over the first {a.window} steps, {last:.3f} over the last; zero-variance "
+                  f"groups {statistics.mean(r['zero_var']):.2f}; time to reward {a.target}: {reached} (the first "
+                  f"steps' extra time, compiling: {r['compile']:.1f} s)")  # fmt: skip
+        warm = median_reached([r["warm"] for r in runs])
+        compile_once = runs[0]["compile"]  # what a process pays once: later seeds reuse its compiled graphs
+        summary[key] = {
+            "step": statistics.median(r["step"] for r in runs),
+            "zero_var": statistics.mean(x for r in runs for x in r["zero_var"]),
+            "warm": warm,
+            "compile": compile_once,
+            "reach": None if warm is None else warm + compile_once,
+        }
+        got = summary[key]["reach"]
+        print(f"{key}, median of {len(runs)} seed(s): {summary[key]['step']:.3f} s/step; time to reward {a.target}: "
+              + (f"{got:.1f} s (the seeds' median {warm:.1f} s + {compile_once:.1f} s of compiling / set-up, paid "
+                 "once per process)" if got is not None else "not reached in most seeds"))  # fmt: skip
+    ours = summary["nanoseek"]
+    floor = statistics.median(f for r in trainers["nanoseek"] for f in r["flops"][a.warmup :]) / rate
+    gen = statistics.median(g for r in trainers["nanoseek"] for g in r["generation"][a.warmup :])
     print(f"nanoseek step: generation {gen:.3f} s{' (overlapped with the update)' if a.overlap else ''}, the rest "
           f"{ours['step'] - gen:.3f} s; compute floor (generation + "
           f"update FLOPs at {rate / 1e9:.0f} GFLOP/s, this machine's {'bf16' if a.bf16 else 'fp32'} matmul rate "
           f"now) {floor:.3f} s; "
           f"the step is {ours['step'] / floor:.1f}× its floor")  # fmt: skip
-    rows.append(row("nanoseek step / its compute floor", ours["step"] / floor, "×", "<= 1.5"))
-    rows.append(row("nanoseek zero-variance group fraction", statistics.mean(ours["zero_var"])))
-    if len(runs) == 2:
-        theirs = runs[1]
+    rows = [row("nanoseek step / its compute floor", ours["step"] / floor, "×", "<= 1.5")]
+    rows.append(row("nanoseek zero-variance group fraction", ours["zero_var"]))
+    if "TRL" in summary:
+        theirs = summary["TRL"]
         print(f"ratio nanoseek / TRL, seconds per step: {ours['step'] / theirs['step']:.2f}")
         rows.append(row("nanoseek / TRL seconds per step", ours["step"] / theirs["step"], "×"))
-        rows.append(row("TRL zero-variance group fraction", statistics.mean(theirs["zero_var"])))
-        a_t, b_t = reach[ours["name"]], reach[theirs["name"]]
-        if a_t is not None and b_t is not None:
-            warm = (a_t - ours["compile"]) / (b_t - theirs["compile"])
-            print(f"ratio nanoseek / TRL, time to reward {a.target}: {a_t / b_t:.2f} (goal <= 0.20); without "
-                  f"either's first-step compile / set-up time: {warm:.2f}")  # fmt: skip
-            rows.append(row(f"nanoseek / TRL time to training reward {a.target}", a_t / b_t, "×", "<= 0.2"))
+        rows.append(row("TRL zero-variance group fraction", theirs["zero_var"]))
+        if ours["reach"] is not None and theirs["reach"] is not None:
+            ratio, warm = ours["reach"] / theirs["reach"], ours["warm"] / theirs["warm"]
+            print(f"ratio nanoseek / TRL, time to reward {a.target} (medians of {a.seeds} seed(s)): {ratio:.2f} (goal "
+                  f"<= 0.20); without either's first-step compile / set-up time: {warm:.2f}")  # fmt: skip
+            rows.append(row(f"nanoseek / TRL time to training reward {a.target}", ratio, "×", "<= 0.2"))
             rows.append(row("nanoseek / TRL time to the reward, compile time left out", warm, "×"))
-            rows.append(row("nanoseek time to the reward", a_t, "s"))
+            rows.append(row("nanoseek time to the reward", ours["reach"], "s"))
         else:
-            who = " and ".join(n for n, v in reach.items() if v is None)
-            print(f"time to reward {a.target}: not reached by {who} within {a.steps} steps; no ratio")
+            who = " and ".join(k for k, v in summary.items() if v["reach"] is None)
+            print(f"time to reward {a.target}: not reached by {who} in most seeds within {a.steps} steps; no ratio")
             rows.append(row(f"time to training reward {a.target}", f"not reached by {who} in {a.steps} steps",
                             goal=None))  # fmt: skip
     write_json(a.json, "grpo_vs_trl", rows, load, torch.get_num_threads())
