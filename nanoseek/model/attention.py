@@ -173,6 +173,7 @@ def _(grad, q, k, v, probs):
 def _short_attention_setup(ctx, inputs: tuple, output: tuple) -> None:
     q, k, v, _, _ = inputs
     ctx.save_for_backward(q, k, v, output[1])
+    ctx.mark_non_differentiable(output[1])  # the weights are returned for backward's use, not to differentiate
 
 
 def _short_attention_grad(ctx, grad: torch.Tensor, _grad_probs: torch.Tensor):
