@@ -23,6 +23,21 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON to PATH")
 
 
+def require_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """One line and exit 2 (argparse's error) for the first of these integer flags that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} is invalid: expected at least 1")
+
+
+def setting_line(threads: int, load: float) -> str:
+    """The header a benchmark prints: torch's version, its threads, the load, whether bf16 is native here."""
+    native = "yes" if cpu_has_bf16() else "no (bf16 is emulated: its figures describe the emulation)"
+    import torch
+
+    return f"torch {torch.__version__}, {threads} threads, load average {load:.2f}, bf16 instructions: {native}"
+
+
 def row(metric: str, value: float | int | str | None, unit: str = "", goal: str | None = None) -> dict:
     """One figure. ``goal`` is "<op> <number>" (e.g. "<= 1.10"), compared against ``value``; None means no goal."""
     met = None

@@ -50,7 +50,7 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch
-from common import add_json_argument, cpu_has_bf16, load_average, row, write_json
+from common import add_json_argument, cpu_has_bf16, load_average, require_at_least_one, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.examples import TaskExamples
@@ -295,8 +295,7 @@ def main() -> None:
     a = parser.parse_args()
     if a.bf16 is None:
         a.bf16 = BF16
-    if a.seeds < 1:
-        parser.error(f"--seeds={a.seeds} is invalid: expected at least 1")
+    require_at_least_one(parser, a, "seeds")
     if a.steps <= a.warmup:
         parser.error(f"--steps={a.steps} is invalid: expected more than --warmup={a.warmup}")
     load = load_average()

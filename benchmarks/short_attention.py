@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import add_json_argument, cpu_has_bf16, load_average, row, write_json
+from common import add_json_argument, load_average, require_at_least_one, row, setting_line, write_json
 
 from nanoseek.model.attention import SHORT_KEYS, _short_attention
 
@@ -47,13 +47,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     add_json_argument(p)
     a = p.parse_args()
-    for name in ("pairs", "threads"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name}={getattr(a, name)} is invalid: expected at least 1")
+    require_at_least_one(p, a, "pairs", "threads")
     torch.set_num_threads(a.threads)
     load = load_average()
-    print(f"torch {torch.__version__}, {a.threads} threads, load average {load:.2f}, bf16 instructions: "
-          f"{'yes' if cpu_has_bf16() else 'no (bf16 is emulated: its figures describe the emulation)'}")  # fmt: skip
+    print(setting_line(a.threads, load))
     rows = []
     for mode in ("eager", "compiled"):
         sides = {"fused": fused, "written out": written_out}
