@@ -665,7 +665,19 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    return run_command(lambda: args.func(args), f"nanoseek {args.command}", debug)
+    return run_command(lambda: _then_leave_group(args.func(args)), f"nanoseek {args.command}", debug)
+
+
+def _then_leave_group(code: int) -> int:
+    """Leave torchrun's process group once a command has returned on this process (every process returns: a stop
+    is agreed through a collective). A group never destroyed lets gloo's worker threads outlive the interpreter's
+    teardown, which aborts the process now and then ("terminate called without an active exception",
+    pytorch/pytorch#190489) and fails a finished run. After an exception the group is left alone: the other
+    processes may still be inside a collective, and destroying it then can hang (torchtitan does the same)."""
+    distributed = sys.modules.get("nanoseek.train.distributed")  # only a command that trained can have joined one
+    if distributed is not None:
+        distributed.teardown()
+    return code
 
 
 if __name__ == "__main__":

@@ -64,3 +64,26 @@ def test_a_resume_under_fsdp_is_exact(tmp_path):
     split = train(tmp_path / "split", processes=2, resume=True)
     assert [r["train_loss"] for r in split] == [r["train_loss"] for r in straight]  # bitwise
     assert [r.get("val_loss") for r in split] == [r.get("val_loss") for r in straight]
+
+
+def test_a_command_that_returns_leaves_the_process_group_and_one_that_failed_does_not(tmp_path, capsys):
+    """A group never destroyed lets gloo's threads outlive the interpreter's teardown, which now and then aborts a
+    finished torchrun process; after a failure the other processes may be inside a collective, so it is kept."""
+    import torch.distributed as dist
+
+    import nanoseek.train.distributed  # noqa: F401 - imported by every command that can join a group
+    from nanoseek.cli import main
+
+    def join(name):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / name), 1), rank=0, world_size=1)
+
+    join("first")
+    try:
+        assert main(["info"]) == 0
+        assert not dist.is_initialized()
+        join("second")
+        assert main(["sample", "--ckpt", str(tmp_path / "missing"), "--prompt", "x"]) != 0
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -66,6 +66,7 @@ def setup(device: str) -> Dist:
 
 
 def teardown() -> None:
+    """Leave the process group, if this process joined one (``nanoseek.cli`` calls it when a command returns)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
