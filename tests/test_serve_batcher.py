@@ -75,6 +75,28 @@ def test_rows_joining_at_different_steps_decode_as_they_would_alone(model, compi
 
 
 @torch.no_grad()
+def test_a_long_prompt_joins_after_the_row_that_began_the_cache_left(model):
+    """The row whose prompt filled slot 0 has left, so the filled part starts at a later slot, when a prompt longer
+    than the filled part joins: the rows move right by the slots the prompt lacks after the trim (computed once
+    from the position alone, which put the prompt at a negative slot and failed the batch)."""
+    g = torch.Generator().manual_seed(1)
+    first, short, longer = (torch.randint(0, 64, (n,), generator=g).tolist() for n in (5, 2, 10))
+    b = Batcher(model, letters, max_batch=4)
+    jobs = [job(first, 2, []), job(short, 20, [])]
+    b.submit(jobs)
+    for _ in range(3):
+        b._step()
+    assert len(b.running) == 1 and 0 < min(b.batch.starts) and b.batch.cache.pos < len(longer)
+    jobs.append(job(longer, 15, []))
+    b.submit([jobs[-1]])
+    while b.running or b.waiting:
+        b._step()
+    for j in jobs:
+        alone = generate(model, [j.prompt], j.sampling.max_tokens, temperature=0)
+        assert j.text.ids == alone.tokens[0].tolist(), f"prompt of {len(j.prompt)} tokens"
+
+
+@torch.no_grad()
 def test_a_seed_fixes_the_sample_whoever_shares_the_batch(model):
     def run(others: int) -> list[int]:
         b = Batcher(model, letters, max_batch=8)

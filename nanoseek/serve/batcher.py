@@ -138,8 +138,8 @@ class RunningBatch:
             raise ValueError(f"{n + m} rows do not fit a batch of {self._k.shape[1]}")
         if n == 0:
             c.pos, c.offset = p, 0
-        elif p > c.pos:
-            self._move(c.pos, p - c.pos)  # shift every row right: the new prompt needs p filled slots
+        elif p > c.pos:  # the new prompt needs p slots left of pos: trim, then shift every row right by the lack
+            self._move(c.pos, p - (c.pos - min(self.starts)))
         start = c.pos - p
         self.starts = (self.starts if n else []) + [c.pos - len(x) for x in prompts]
         new = KVCache(self.model.cfg, m, p, self._k.device, self._k.dtype)
