@@ -57,10 +57,11 @@ def demo_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def start_server(ckpt: Path, port: int, threads: int, compile: bool = True) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, threads: int, compile: bool = True, generation: str = "process"):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", str(port),
-               "--log-level", "warning", "--max-queue", "256"] + ([] if compile else ["--no-compile"])  # fmt: skip
+               "--log-level", "warning", "--max-queue", "256", "--generation", generation]  # fmt: skip
+    command += [] if compile else ["--no-compile"]
     proc = subprocess.Popen(command, env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -187,10 +188,15 @@ async def soak_request(client: httpx.AsyncClient, url: str, kind: str, rng: rand
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of the process and its children (the server's generation process)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mb(int(child))
+    return total
 
 
 def server_errors(metrics: list[str]) -> int:
@@ -240,12 +246,15 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak with N requests instead")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="serve with eager decoding")
+    ap.add_argument("--generation", choices=("process", "thread"), default="process",
+                    help="where the server generates (nanoseek serve --generation): its default, a child process, "
+                    "or a thread of the server's process")  # fmt: skip
     add_json_argument(ap)
     args = ap.parse_args()
     load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint(Path(tmp) / "demo-random")
-        proc = start_server(ckpt, args.port, args.threads, args.compile)
+        proc = start_server(ckpt, args.port, args.threads, args.compile, args.generation)
         url = f"http://127.0.0.1:{args.port}"
         try:
             if args.soak:
@@ -259,8 +268,8 @@ def main() -> None:
             proc.wait(30)
         decode = batch1_decode(ckpt)
     base = rows[0]["tokens_per_s"]
-    print(f"server: {args.threads} torch thread(s); {NEW_TOKENS} new tokens per request; load average at the end "
-          f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"server: {args.threads} torch thread(s), generation in a {args.generation}; {NEW_TOKENS} new tokens per "
+          f"request; load average at the end {os.getloadavg()[0]:.2f}")  # fmt: skip
     print("| clients | requests | aggregate tok/s | vs 1 client | TTFT p50 / p99 (ms) | per-token p50 / p99 (ms) "
           "| tokens per chunk |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:

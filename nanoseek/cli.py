@@ -358,12 +358,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         model_name=args.model_name, api_key=key, max_batch=args.max_batch, max_queue=args.max_queue,
         prices=Prices(args.price_input, args.price_output, args.price_per_hour), cors_origins=tuple(args.cors_origin),
-        compile=args.compile,
+        compile=args.compile, generation=args.generation,
     )  # fmt: skip
+    from functools import partial
+
     from nanoseek.measure.energy import select_meter
 
     device = _device(args.device)
-    app = create_app(lambda: load_model(args.ckpt, device=device), options, select_meter(device, args.watts_per_core))
+    load = partial(load_model, args.ckpt, device=device)  # picklable: the generation process loads it too
+    app = create_app(load, options, select_meter(device, args.watts_per_core))
     print(f"nanoseek serve: http://{args.host}:{args.port}/ (web chat), API at /v1", file=sys.stderr)
     # uvicorn finishes running answers on SIGTERM, then re-raises the signal: with the default handler back, the
     # process ends by it (143 in a shell), as servers under a supervisor are expected to
@@ -632,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="decode eagerly instead of with the torch.compile'd step (which is compiled at start-up, "
                    "~20-40 s the first time, and decodes 2-3x faster on CPU)")  # fmt: skip
+    p.add_argument("--generation", choices=("process", "thread"), default="process",
+                   help="where the model generates: a child process of its own (default; the HTTP side and the "
+                   "decode steps then run on two cores without sharing Python's interpreter lock: 1.1-1.2x a "
+                   "thread's 16-client throughput on 2 cores, docs/LOG.md) or a thread of the server's process "
+                   "(one interpreter and one copy of the weights instead of two)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 

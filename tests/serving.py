@@ -6,6 +6,7 @@ import contextlib
 import socket
 import threading
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -86,13 +87,15 @@ class SlowModel(nn.Module):
         return self.inner.num_params(active)
 
 
-def slow_loader(folder, delay: float):
-    def load():
-        loaded = load_model(folder)
-        loaded.model = SlowModel(loaded.model, delay)
-        return loaded
+def load_slowly(folder, delay: float):
+    loaded = load_model(folder)
+    loaded.model = SlowModel(loaded.model, delay)
+    return loaded
 
-    return load
+
+def slow_loader(folder, delay: float):
+    """A picklable load() of a SlowModel (a generation process loads it again)."""
+    return partial(load_slowly, folder, delay)
 
 
 def free_port() -> int:

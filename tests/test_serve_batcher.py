@@ -86,7 +86,7 @@ def test_a_long_prompt_joins_after_the_row_that_began_the_cache_left(model):
     b.submit(jobs)
     for _ in range(3):
         b._step()
-    assert len(b.running) == 1 and 0 < min(b.batch.starts) and b.batch.cache.pos < len(longer)
+    assert len(b.running) == 1 and min(b.batch.starts) > 0 and b.batch.cache.pos < len(longer)
     jobs.append(job(longer, 15, []))
     b.submit([jobs[-1]])
     while b.running or b.waiting:

@@ -2,9 +2,10 @@
 
 ``create_app(load, options, meter)`` returns the ASGI app; ``load()`` (normally ``load_model(ckpt)``) runs on a
 thread at start-up, and ``/health`` answers 503 until it is done. Generation happens on the batcher's worker
-thread (batcher.py); a route only renders the prompt, queues one job per choice and relays the job's events, as
-SSE chunks or as one JSON answer. A client that goes away cancels its jobs (the worker drops them before its next
-step). Access control, the body size limit and per-path request counts sit in one ASGI middleware (``Guard``).
+thread (batcher.py), or in a child process of its own with ``generation="process"`` (worker.py); a route only
+renders the prompt, queues one job per choice and relays the job's events, as SSE chunks or as one JSON answer. A
+client that goes away cancels its jobs (the worker drops them before its next step). Access control, the body size
+limit and per-path request counts sit in one ASGI middleware (``Guard``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from nanoseek.serve.answers import (
     make_sampling,
     seeded,
 )
-from nanoseek.serve.batcher import Batcher
+from nanoseek.serve.batcher import Batcher, compile_steps
 from nanoseek.serve.protocol import APIError, ChatRequest, CompletionRequest, Prices, stop_list, validation_message
 from nanoseek.serve.template import ChatFormat, PromptError
+from nanoseek.serve.worker import ProcessBatcher
 
 OPEN_PATHS = ("/", "/health")  # the page holds no data and asks for the key itself
 KNOWN_PATHS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
@@ -60,6 +62,9 @@ class ServeOptions:
     """Origins allowed to call the API from a browser page of theirs (none by default)."""
     compile: bool = False
     """Decode with the torch.compile'd step (compiled while /health says 503; ``nanoseek serve`` turns it on)."""
+    generation: str = "thread"
+    """Where the batcher runs: "thread" (a thread of this process) or "process" (a child process that loads the
+    model again, worker.py; ``load`` must then be picklable; ``nanoseek serve``'s default)."""
 
 
 class Server:
@@ -83,28 +88,20 @@ class Server:
             self.format = ChatFormat.from_config(loaded.config)
             self.model_id = self.options.model_name or loaded.folder.parent.name
             o = self.options
-            batcher = Batcher(loaded.model, loaded.tokenizer.decode, max_batch=o.max_batch, max_queue=o.max_queue,
-                              compile=o.compile, meter=self.meter, log=self.log)  # fmt: skip
-            if o.compile:
-                self._compile(batcher)
+            if o.generation == "process":
+                batcher = ProcessBatcher(self.load, loaded.model.cfg.seq_len, max_batch=o.max_batch,
+                                         max_queue=o.max_queue, compile=o.compile, meter=self.meter,
+                                         log=self.log)  # fmt: skip
+            else:
+                batcher = Batcher(loaded.model, loaded.tokenizer.decode, max_batch=o.max_batch, max_queue=o.max_queue,
+                                  compile=o.compile, meter=self.meter, log=self.log)  # fmt: skip
+                if o.compile:
+                    compile_steps(batcher, self.log)
             self.batcher, self.loaded = batcher.start(), loaded
             self.log(f"nanoseek serve: model {self.model_id!r} ready ({self.format.name} prompts)")
         except Exception as err:  # reported by /health and every route; the process keeps answering
             self.error = f"{type(err).__name__}: {err}"
             self.log(f"nanoseek serve: error: could not load the model: {self.error}")
-
-    def _compile(self, batcher: Batcher) -> None:
-        t0 = time.perf_counter()
-        try:
-            batcher.warm_up()
-        except Exception as err:  # no C++ compiler, an unsupported device, ...: serve, slower, and say why
-            batcher.compile = batcher.batch.compile = False
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.log(f"nanoseek serve: warning: could not compile the prefill and decode steps "
-                     f"({type(err).__name__}: {first}); decoding eagerly "
-                     "(start with --no-compile to skip the attempt)")  # fmt: skip
-            return
-        self.log(f"nanoseek serve: prefill and decode steps compiled in {time.perf_counter() - t0:.0f} s")
 
     def require_model(self, name: str | None) -> None:
         if self.loaded is None:
@@ -174,9 +171,10 @@ def create_app(load: Callable, options: ServeOptions = ServeOptions(), meter=Non
 
     @app.get("/health")
     async def health():
-        if server.loaded is None:
-            status = "error" if server.error else "loading"
-            return JSONResponse({"status": status, "message": server.error}, status_code=503)
+        failed = server.batcher.failed if server.batcher is not None else None
+        if server.loaded is None or failed:
+            status = "error" if server.error or failed else "loading"
+            return JSONResponse({"status": status, "message": server.error or failed}, status_code=503)
         return {"status": "ok", "model": server.model_id}
 
     @app.get("/metrics", response_class=PlainTextResponse)

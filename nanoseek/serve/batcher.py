@@ -86,6 +86,8 @@ class Job:
     stats: JobStats = field(default_factory=JobStats)
     tokens_after_cancel: int | None = None
     """Tokens generated between ``cancel()`` and the worker dropping the job (the tests check it is ≤ 1)."""
+    on_cancel: Callable[[], None] | None = None
+    """Called by ``cancel()`` (a job relayed to another process passes the cancel on)."""
 
     def __post_init__(self) -> None:
         seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
@@ -99,6 +101,8 @@ class Job:
     def cancel(self) -> None:
         self._tokens_at_cancel = self.stats.completion_tokens
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 class RunningBatch:
@@ -226,6 +230,7 @@ class Batcher:
         self.wake = threading.Condition()
         self.step_lock = threading.Lock()  # held for every step: tests hold it to freeze generation
         self.stopping = False
+        self.failed: str | None = None  # a thread's worker survives its errors; a generation process may not
         self.steps = 0
         self.tokens = 0
         self.ended: collections.deque[Job] = collections.deque(maxlen=256)  # recent finished or cancelled jobs
@@ -283,6 +288,10 @@ class Batcher:
                 for job in self.running:
                     job.emit("error", f"generation failed: {type(err).__name__}")
                 self.running, self.batch = [], RunningBatch(self.model, 2 * self.seq_len, self.max_batch, self.compile)
+            self.after_step()
+
+    def after_step(self) -> None:
+        """Called on the worker thread after every step (a relay to another process sends the step's events)."""
 
     def _step(self) -> None:
         self._drop([j for j in self.running if j.cancelled.is_set()])
@@ -383,3 +392,18 @@ class Batcher:
 
     def _joules(self) -> float:
         return self.meter.read() if self.meter is not None else 0.0
+
+
+def compile_steps(batcher: Batcher, log: Callable[[str], None]) -> None:
+    """``batcher.warm_up()``, or, when compiling fails (no C++ compiler, an unsupported device, ...), decode eagerly
+    and say why: a server that is slower beats one that does not start."""
+    t0 = time.perf_counter()
+    try:
+        batcher.warm_up()
+    except Exception as err:  # noqa: BLE001 - any compile failure: explained, then served eagerly
+        batcher.compile = batcher.batch.compile = False
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log(f"nanoseek serve: warning: could not compile the prefill and decode steps ({type(err).__name__}: "
+            f"{first}); decoding eagerly (start with --no-compile to skip the attempt)")  # fmt: skip
+        return
+    log(f"nanoseek serve: prefill and decode steps compiled in {time.perf_counter() - t0:.0f} s")
