@@ -137,3 +137,13 @@ def test_a_generation_process_that_cannot_load_is_reported_by_health(ckpt):
         health = httpx.get(s.url + "/health")
     assert health.status_code == 503 and health.json()["status"] == "error"
     assert health.json()["message"].endswith("the generation process could not start: RuntimeError: no weights here")
+
+
+def test_what_a_generation_process_cannot_take_is_refused_naming_the_way_out(ckpt):
+    from nanoseek.serve.app import ServeOptions
+    from nanoseek.serve.worker import ProcessBatcher
+
+    with pytest.raises(ValueError, match="picklable load .*--generation thread"):
+        ProcessBatcher(lambda: load_model(ckpt), 128)
+    with pytest.raises(ValueError, match="expected 'thread' or 'process'"):
+        ServeOptions(generation="fork")

@@ -66,6 +66,10 @@ class ServeOptions:
     """Where the batcher runs: "thread" (a thread of this process) or "process" (a child process that loads the
     model again, worker.py; ``load`` must then be picklable; ``nanoseek serve``'s default)."""
 
+    def __post_init__(self) -> None:
+        if self.generation not in ("thread", "process"):
+            raise ValueError(f"generation={self.generation!r}: expected 'thread' or 'process'")
+
 
 class Server:
     """The loaded model, its chat format, the batcher and the metrics, shared by the routes."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import pickle
 import signal
 import threading
 import time
@@ -49,6 +50,15 @@ class ProcessBatcher:
         log: Callable[[str], None] = print,
         start_timeout: float = 600.0,
     ):
+        for what, obj in (("load", load), ("meter", meter)):
+            try:
+                pickle.dumps(obj)
+            except Exception as err:  # noqa: BLE001 - pickling raises several types; all mean the same here
+                raise ValueError(
+                    f"generation in a process needs a picklable {what} (a module-level function or a "
+                    f"functools.partial, not a lambda or a closure; an NVML meter's handles cannot be sent either): "
+                    f"{type(err).__name__}: {err}; serve with generation='thread' (--generation thread) instead"
+                ) from None
         self.seq_len, self.max_batch, self.max_queue, self.log = seq_len, max_batch, max_queue, log
         self.jobs: dict[int, Job] = {}
         self.ended: list[Job] = []
