@@ -207,9 +207,10 @@ def test_full_queue_answers_429(ckpt):
         assert results[0].choices[0].message.content == ANSWER
 
 
-def test_disconnect_stops_generation_within_one_step(tmp_path):
+@pytest.mark.parametrize("generation", ["thread", "process"])
+def test_disconnect_stops_generation_within_one_step(tmp_path, generation):
     ckpt = random_checkpoint(tmp_path / "random", seq_len=256)
-    with running_server(slow_loader(ckpt, 0.01)) as s:
+    with running_server(slow_loader(ckpt, 0.01), generation=generation) as s:
         body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 200}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -222,6 +223,8 @@ def test_disconnect_stops_generation_within_one_step(tmp_path):
         assert job.tokens_after_cancel is not None and job.tokens_after_cancel <= 1
         assert job.stats.completion_tokens < 50
         assert "nanoseek_requests_cancelled_total 1" in httpx.get(s.url + "/metrics").text
+        child = getattr(s.state.batcher, "process", None)
+    assert child is None or not child.is_alive()  # a generation process ends with the server
 
 
 def test_cross_origin_access_only_when_allowed(ckpt):

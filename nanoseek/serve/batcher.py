@@ -105,6 +105,12 @@ class Job:
             self.on_cancel()
 
 
+def check_fits(jobs: list[Job], seq_len: int) -> None:
+    for job in jobs:
+        if len(job.prompt) + job.sampling.max_tokens > seq_len:
+            raise ValueError(f"prompt + max_tokens exceed the context of {seq_len} tokens")
+
+
 class RunningBatch:
     """The rows being decoded: a KV cache preallocated for ``rows`` rows of ``capacity`` slots, of which the first
     ``len(self)`` are in use (``cache`` views them), and the logits of their next token (B, V).
@@ -242,9 +248,7 @@ class Batcher:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs of one request together, or none of them."""
-        for job in jobs:
-            if len(job.prompt) + job.sampling.max_tokens > self.seq_len:
-                raise ValueError(f"prompt + max_tokens exceed the context of {self.seq_len} tokens")
+        check_fits(jobs, self.seq_len)
         with self.wake:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")

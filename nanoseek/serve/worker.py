@@ -18,6 +18,7 @@ and the child also ends when the server's process is gone (its pipe closes). Tim
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import pickle
@@ -28,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanoseek.serve.batcher import Batcher, Job, JobStats, QueueFull, ShuttingDown, compile_steps
+from nanoseek.serve.batcher import Batcher, Job, JobStats, QueueFull, ShuttingDown, check_fits, compile_steps
 
 
 class ProcessBatcher:
@@ -61,7 +62,7 @@ class ProcessBatcher:
                 ) from None
         self.seq_len, self.max_batch, self.max_queue, self.log = seq_len, max_batch, max_queue, log
         self.jobs: dict[int, Job] = {}
-        self.ended: list[Job] = []
+        self.ended: collections.deque[Job] = collections.deque(maxlen=256)  # recent finished or cancelled jobs
         self.lock = threading.Lock()  # guards jobs, the next id, the pipe's sending end and the state below
         self.next_id = 0
         self.stopping = False
@@ -107,9 +108,7 @@ class ProcessBatcher:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs of one request together, or none of them."""
-        for job in jobs:
-            if len(job.prompt) + job.sampling.max_tokens > self.seq_len:
-                raise ValueError(f"prompt + max_tokens exceed the context of {self.seq_len} tokens")
+        check_fits(jobs, self.seq_len)
         with self.lock:
             if self.failed is not None:
                 raise ShuttingDown(self.failed)
@@ -163,7 +162,6 @@ class ProcessBatcher:
                     job.emit(kind, value)
                     if kind == "done":
                         self.ended.append(job)
-                        del self.ended[:-256]
             elif message[0] == "log":
                 self.log(message[1])
         self.process.join(5)
