@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "~20-40 s the first time, and decodes 2-3x faster on CPU)")  # fmt: skip
     p.add_argument("--generation", choices=("process", "thread"), default="process",
                    help="where the model generates: a child process of its own (default; the HTTP side and the "
-                   "decode steps then run on two cores without sharing Python's interpreter lock: 1.1-1.2x a "
+                   "decode steps then run on two cores without sharing Python's interpreter lock: 1.0-1.2x a "
                    "thread's 16-client throughput on 2 cores, docs/LOG.md) or a thread of the server's process "
                    "(one interpreter and one copy of the weights instead of two)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
