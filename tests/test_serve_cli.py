@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -90,6 +91,9 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+        children = [int(c) for t in tasks for c in (t / "children").read_text().split()]  # the generation process
+        assert children
         body = {"messages": [{"role": "user", "content": "go"}], "stream": True, "max_tokens": 500, "seed": 1}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -99,6 +103,10 @@ def test_serve_finishes_running_answers_on_sigterm(tmp_path):
         events = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
         assert rest[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(30) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down cleanly
+        deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends once the server's pipe closes
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # no process left behind
         assert "Finished server process" in (tmp_path / "stderr").read_text()
         assert "prefill and decode steps compiled in" in (tmp_path / "stdout").read_text()
         with pytest.raises(httpx.ConnectError):
