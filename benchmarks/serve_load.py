@@ -12,7 +12,7 @@ learned) unless ``--ckpt`` names one.
 Soak (``--soak N``): N requests from 8 concurrent workers mixing valid chat and completions (streamed or not),
 malformed bodies, invalid parameters, oversized bodies and prompts, and streams the client abandons after a few
 events; prints requests by kind, answers by status, whether the server process is the one started (no restart) and
-its resident memory at the start, every 500 requests and at the end.
+its resident memory (with the processes it started) at the start, every 500 requests and at the end.
 
     python benchmarks/serve_load.py                 # the load table
     python benchmarks/serve_load.py --soak 2000     # the soak
@@ -188,15 +188,15 @@ async def soak_request(client: httpx.AsyncClient, url: str, kind: str, rng: rand
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of the process and its children (the server's generation process)."""
-    total = 0.0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) / 1024
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += rss_mb(int(child))
-    return total
+    """Resident memory of the process and every process it started (the server's generation process, compile
+    workers, multiprocessing's resource tracker); a process that ends while it is read counts 0."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    own = sum(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+    return own + sum(rss_mb(child) for child in children)
 
 
 def server_errors(metrics: list[str]) -> int:

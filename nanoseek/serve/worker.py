@@ -166,10 +166,15 @@ class ProcessBatcher:
                 self.log(message[1])
         self.process.join(5)
         with self.lock:
-            left, self.jobs = list(self.jobs.values()), {}
             if not self.stopping:
                 self.failed = f"the generation process exited (exit code {self.process.exitcode})"
                 self.log(f"nanoseek serve: error: {self.failed}; requests get 503 from now on")
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """End every job still open on this side with an error event."""
+        with self.lock:
+            left, self.jobs = list(self.jobs.values()), {}
         for job in left:
             job.emit("error", self.failed or "the server shut down before this request finished")
 
@@ -185,10 +190,7 @@ class ProcessBatcher:
         if self.reader.is_alive():
             self.reader.join(timeout)
         else:  # never started: nobody else will end the jobs
-            with self.lock:
-                left, self.jobs = list(self.jobs.values()), {}
-            for job in left:
-                job.emit("error", "the server shut down before this request finished")
+            self._end_all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
