@@ -139,8 +139,9 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # pairs grouped by expert
         token = order // self.top_k  # (N·k,) token of each sorted pair
         xf = x.reshape(-1, x.shape[-1])  # (N, C)
-        y = self.experts(xf[token], counts)  # (N·k, C)
-        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        # index_select, not xf[token]: its backward is one index_add instead of an accumulating index_put
+        y = self.experts(xf.index_select(0, token), counts)  # (N·k, C), sorted by expert
+        y = y * weights.flatten().index_select(0, order).unsqueeze(-1).to(y.dtype)
         out = torch.zeros(xf.shape[0], y.shape[-1], device=y.device, dtype=y.dtype).index_add_(0, token, y)
         if self.shared is not None:
             out = out + self.shared(xf)
