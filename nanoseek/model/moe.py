@@ -142,9 +142,9 @@ class MoE(nn.Module):
         # index_select, not xf[token]: its backward is one index_add instead of an accumulating index_put
         y = self.experts(xf.index_select(0, token), counts)  # (N·k, C), sorted by expert
         y = y * weights.flatten().index_select(0, order).unsqueeze(-1).to(y.dtype)
-        out = torch.zeros(xf.shape[0], y.shape[-1], device=y.device, dtype=y.dtype).index_add_(0, token, y)
-        if self.shared is not None:
-            out = out + self.shared(xf)
+        # the routed outputs are added onto the shared experts' (or zeros): no separate sum of the two
+        base = self.shared(xf) if self.shared is not None else torch.zeros_like(xf, dtype=y.dtype)
+        out = base.to(y.dtype).index_add(0, token, y)
         return out.view(x.shape[:-1] + (out.shape[-1],))
 
     @torch.no_grad()
