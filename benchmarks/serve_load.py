@@ -2,12 +2,13 @@
 
 Load: for 1, 4 and 16 concurrent streaming clients, each sends /v1/completions requests (a short prompt, 64 new
 tokens, temperature 1) one after another for ``--seconds`` (in two halves: the levels in order, then backwards, so
-a drift of the machine's speed does not tilt the ratios); prints aggregate tokens/s, time to first token and the
-time per token (p50 / p99: the gap between two chunks divided by the request's mean tokens per chunk, since a
-busy server sends several tokens in one chunk), the ratio of throughput to one client, and the generator's batch-1
-decode speed in this process (same model, one thread, the compiled step the server uses; ``--no-compile`` serves
-eagerly). The model is the demo preset's shape with random weights (decode speed does not depend on what was
-learned) unless ``--ckpt`` names one.
+a drift of the machine's speed does not tilt the ratios). The clients share the machine with the server, so they
+are kept lean: each is one keep-alive HTTP/1.1 connection read with asyncio streams (``StreamClient``). It prints
+aggregate tokens/s, time to first token and the time per token (p50 / p99: the gap between two chunks divided by
+the request's mean tokens per chunk, since a busy server sends several tokens in one chunk), the ratio of
+throughput to one client, and the generator's batch-1 decode speed in this process (same model, one thread, the
+compiled step the server uses; ``--no-compile`` serves eagerly). The model is the demo preset's shape with random
+weights (decode speed does not depend on what was learned) unless ``--ckpt`` names one.
 
 Soak (``--soak N``): N requests from 8 concurrent workers mixing valid chat and completions (streamed or not),
 malformed bodies, invalid parameters, oversized bodies and prompts, and streams the client abandons after a few
