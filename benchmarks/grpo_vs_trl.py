@@ -16,26 +16,28 @@ batch, generations, loss and optimiser settings; bf16 where the CPU has bf16 ins
 whether it used it). The problem streams differ (TRL shuffles its dataset with its seed; nanoseek draws from the task's
 generator) but come from the same distribution.
 
-Each trainer runs --seeds times (seeds 0.., problem order and sampling; default 3), the two taking turns: a single
-run's time to the reward is mostly chance (32 completions a step), and moved between 0.43× and 0.69× TRL's in
-single runs. Reported, for each run and as medians over the seeds: seconds per step after --warmup steps; the wall
-time (sum of step times) until the mean training reward over --window consecutive steps first reaches --target (a
-seed that never does counts as infinitely late, so the median says "not reached" when most did not); by
-default the target is the cold-started weights' own reward (measured before either trainer starts) plus --gain, so that
-it lies above where both start (a learning rate of 1e-4 raises both trainers' 10-step reward by about 0.1 within 100
-steps; 3e-4 and above make it fall); the wall time includes compiling (nanoseek) and TRL's first-step set-up
-once — the first run's, since later seeds in the same process reuse its compiled graphs — and is also given
-without them (the first --warmup steps' time beyond the median step); the fraction of groups whose rewards were all
-equal (zero variance: with β = 0 they carry no gradient; nanoseek skips them, TRL computes them); and for
-nanoseek the step's compute floor: its FLOPs (generation + update, analytic) at this machine's matmul rate in nanoseek's
-dtype, measured in the same run, and the ratio of the median step to it (goal ≤ 1.5).
-Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
+Each trainer runs --seeds times (seeds 0.., problem order and sampling; default 3), the two taking turns: a single run's
+time to the reward is mostly chance (32 completions a step), and moved between 0.43× and 0.69× TRL's in single runs. A
+run ends after --steps steps, or earlier once it has reached the target and taken --min-steps steps: what would come
+after changes neither its time to the reward nor, much, its median step, and TRL's slower steps are most of the
+benchmark's time. Reported, for each run and as medians over the seeds: seconds per step after --warmup steps; the wall
+time (sum of step times) until the mean training reward over --window consecutive steps first reaches --target (a seed
+that never does counts as infinitely late, so the median says "not reached" when most did not); by default the target is
+the cold-started weights' own reward (measured before either trainer starts) plus --gain, so that it lies above where
+both start (a learning rate of 1e-4 raises both trainers' 10-step reward by about 0.1 within 100 steps; 3e-4 and above
+make it fall); the wall time includes compiling (nanoseek) and TRL's first-step set-up once — the first run's, since
+later seeds in the same process reuse its compiled graphs — and is also given without them (the first --warmup steps'
+time beyond the median step); the fraction of groups whose rewards were all equal (zero variance: with β = 0 they carry
+no gradient; nanoseek skips them, TRL computes them); and for nanoseek the step's compute floor: its FLOPs (generation +
+update, analytic) at this machine's matmul rate in nanoseek's dtype, measured in the same run, and the ratio of the
+median step to it (goal ≤ 1.5). Goal: nanoseek's time to the reward ≤ 0.2 × TRL's.
 
 Needs the ``bench`` extra, installed with torch pinned so pip keeps the CPU build:
     .venv/bin/pip install -e ".[bench]" torch==2.13.0
 
-    python benchmarks/grpo_vs_trl.py [--seeds 3] [--steps 100] [--gain 0.07 | --target R] [--window 10] [--lr 1e-4]
-                                     [--no-share-prompt] [--no-compile] [--no-bf16] [--overlap]
+    python benchmarks/grpo_vs_trl.py [--seeds 3] [--steps 100] [--min-steps 40] [--gain 0.07 | --target R]
+                                     [--window 10] [--lr 1e-4] [--no-share-prompt] [--no-compile] [--no-bf16]
+                                     [--overlap]
 """
 
 from __future__ import annotations
@@ -129,12 +131,24 @@ def compile_seconds(times: list[float], warmup: int) -> float:
     return max(0.0, sum(times[:warmup]) - warmup * statistics.median(times[warmup:]))
 
 
-def time_to_reward(times: list[float], rewards: list[float], target: float, window: int) -> float | None:
-    """Wall time (sum of step times) at the end of the first window of steps whose mean reward reaches target."""
+def steps_to_reward(rewards: list[float], target: float, window: int) -> int | None:
+    """Steps taken at the end of the first window of steps whose mean reward reaches target (None: not yet)."""
     for end in range(window, len(rewards) + 1):
         if statistics.mean(rewards[end - window : end]) >= target:
-            return sum(times[:end])
+            return end
     return None
+
+
+def time_to_reward(times: list[float], rewards: list[float], target: float, window: int) -> float | None:
+    """Wall time (sum of step times) at the end of the first window of steps whose mean reward reaches target."""
+    end = steps_to_reward(rewards, target, window)
+    return None if end is None else sum(times[:end])
+
+
+def run_is_done(rewards: list[float], a: argparse.Namespace) -> bool:
+    """Whether a run may stop before --steps: it has reached the target and taken --min-steps steps (never with
+    --min-steps 0). The steps after that would change neither its time to the reward nor, much, its median step."""
+    return a.min_steps > 0 and len(rewards) >= a.min_steps and steps_to_reward(rewards, a.target, a.window) is not None
 
 
 START_SEED = 1000  # the start reward's problems: a seed no run uses (runs use 0 .. --seeds - 1)
@@ -181,6 +195,8 @@ def run_nanoseek(state: dict, a: argparse.Namespace, seed: int = 0) -> dict:
         out["zero_var"].append(metrics["zero_variance_frac"])
         out["flops"].append(metrics["flops"])
         out["generation"].append(PROMPTS * GROUP * metrics["completion_len"] / metrics["gen_tokens_per_s"])
+        if run_is_done(out["rewards"], a):
+            break
     trainer.close()
     extra = (", bf16" if a.bf16 else "") + (", overlap" if a.overlap else "")
     out["name"] = f"nanoseek ({model.num_params() / 1e6:.2f}M parameters{extra})"
@@ -244,6 +260,8 @@ def run_trl(state: dict, a: argparse.Namespace, seed: int = 0) -> dict:
             if logs and "reward" in logs:
                 self.rewards.append(logs["reward"])
                 self.zero_var.append(logs.get("frac_reward_zero_std", float("nan")))
+                if run_is_done(self.rewards, a):  # never reset it: the trainer sets it at max_steps
+                    control.should_training_stop = True
 
     recorder = Recorder()
     with tempfile.TemporaryDirectory() as folder:
@@ -269,6 +287,8 @@ def run_trl(state: dict, a: argparse.Namespace, seed: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="GRPO steps per trainer (default 100)")
+    parser.add_argument("--min-steps", type=int, default=40, help="a run stops once its reward has reached the "
+                        "target and it has taken this many steps (default 40; 0: every run takes --steps)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median step time (default 3)")
     parser.add_argument("--cold-start", type=int, default=300, help="supervised steps before GRPO (default 300)")
     parser.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate of both trainers (default 1e-4; "
@@ -298,6 +318,9 @@ def main() -> None:
     require_at_least_one(parser, a, "seeds")
     if a.steps <= a.warmup:
         parser.error(f"--steps={a.steps} is invalid: expected more than --warmup={a.warmup}")
+    if a.min_steps != 0 and not a.warmup < a.min_steps <= a.steps:
+        parser.error(f"--min-steps={a.min_steps} is invalid: expected 0 or more than --warmup={a.warmup} and at "
+                     f"most --steps={a.steps}")  # fmt: skip
     load = load_average()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, "
           f"bf16 instructions: {'yes' if BF16 else 'no'}")  # fmt: skip
