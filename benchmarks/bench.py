@@ -32,7 +32,7 @@ ROOT = HERE.parent
 
 # name: (arguments used by `make bench`, modules it needs beyond nanoseek's own dependencies)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "residual_overhead": (["--threads", "2", "--repeats", "6"], []),
+    "residual_overhead": (["--threads", "2", "--repeats", "6", "--compile-cache"], []),
     "moe_throughput": (["--threads", "2", "--skip-quality"], []),
     "train_throughput": (["--steps", "4"], []),
     "grpo_vs_trl": ([], ["trl", "transformers", "datasets"]),
