@@ -20,6 +20,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from nanoseek.model import native
+
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 -> float32; float32 and float64 unchanged (coefficients are never computed in half)."""
@@ -66,6 +68,8 @@ def _sinkhorn_in_place(m: torch.Tensor, n_iters: int) -> tuple[torch.Tensor, lis
 
 @torch.library.custom_op("nanoseek::sinkhorn", mutates_args=())
 def _sinkhorn_op(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
+    if native.usable(logits):  # the same steps in C, a block of tokens at a time (nanoseek/model/native.py)
+        return native.sinkhorn_forward(logits, n_iters)
     m, _ = _sinkhorn_in_place(_tokens_last(logits), n_iters)
     return m.permute(2, 0, 1).reshape(logits.shape).contiguous()
 
@@ -76,6 +80,8 @@ def _sinkhorn_backward_op(grad: torch.Tensor, logits: torch.Tensor, n_iters: int
     y = m / d_k (d_k = Σ_dim m + tiny), so dL/dm = (g - Σ_dim g·y) / d_k, and the step's input is recovered in
     place as m = y · d_k. The gradient equals unrolled autograd up to the rounding of those 2·t_max
     multiplications (≈ 1e-14 relative in float64), without storing any iterate."""
+    if native.usable(logits):
+        return native.sinkhorn_backward(grad, logits, n_iters)
     m, dens = _sinkhorn_in_place(_tokens_last(logits), n_iters)
     grad = _tokens_last(grad)
     gy = torch.empty_like(m)
