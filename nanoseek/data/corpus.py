@@ -19,22 +19,13 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.cache import cache_dir
 from nanoseek.memory import available_memory, gib
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".json", ".csv", ".toml", ".yaml", ".yml"}
 TEXT_MEMORY_FACTOR = 8
 """Memory per byte of text while a corpus is read and tokenized (the bytes, the decoded text, the token arrays)."""
 _SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
-
-
-def cache_dir() -> Path:
-    """Where extracted corpora and token arrays are cached ($NANOSEEK_CACHE, else ~/.cache/nanoseek)."""
-    root = os.environ.get("NANOSEEK_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "nanoseek"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass

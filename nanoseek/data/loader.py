@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.cache import cache_dir
 from nanoseek.data.config import DataConfig
-from nanoseek.data.corpus import Corpus, cache_dir, load_corpus
+from nanoseek.data.corpus import Corpus, load_corpus
 from nanoseek.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, prepare_text
 
 

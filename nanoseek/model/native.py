@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.cache import cache_dir
+
 SOURCE = r"""
 #include <float.h>
 #include <math.h>
@@ -163,8 +165,6 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> ctypes.CDLL:
-    from nanoseek.data.corpus import cache_dir
-
     key = hashlib.sha256("\n".join([SOURCE, compiler, platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / "native" / f"sinkhorn-{key}.so"
     if not target.exists():
