@@ -3,6 +3,7 @@ them in float64 (tests/test_residual_kernels.py), written to touch the n·C-wide
 allows and to let torch.compile fuse the rest.
 
     sinkhorn(logits, t)              Sinkhorn-Knopp with the tokens last, in place; backward from the denominators
+                                     (on CPU the same steps run in C: native.py)
     rms_projection(v, phi, eps)      RMSNorm(v) · φ without the normalised copy of v
     read_streams(x, h_pre, w, eps)   RMSNorm(H_pre · x) · w, H_pre · x recomputed in backward
     mix_streams(x, h_res, h_post, y) H_res · x + H_postᵀ · y
