@@ -246,6 +246,20 @@ def test_sampling_matches_the_filtered_distribution():
         torch.testing.assert_close(logp.exp(), torch.tensor(expected)[tokens], rtol=1e-5, atol=1e-6)
 
 
+def test_a_vanishing_temperature_or_top_p_samples_the_greedy_token():
+    # the largest logit divided by 1e-40 overflows float32; a top_p of 1e-300 rounds to 0 in float32
+    logits = torch.tensor([[1.0, 3.0, 2.0, -5.0], [0.5, -1.0, 0.25, 4.0]])
+    greedy = logits.argmax(-1)
+    g = torch.Generator().manual_seed(0)
+    for temperature, top_p in ((1e-40, 1.0), (1e-38, 1.0), (1.0, 1e-300), (1e-40, 1e-300)):
+        for _ in range(20):
+            tokens, logp = sample_next(logits, temperature, top_k=0, top_p=top_p, generator=g)
+            assert torch.equal(tokens, greedy), (temperature, top_p)
+            assert torch.isfinite(logp).all() and (logp <= 0).all()
+    tokens, logp = sample_next(logits, 1e-40, top_k=0, top_p=1.0, generator=g)
+    assert torch.equal(logp, torch.zeros(2))  # all the mass on the largest logit
+
+
 def test_top_k_one_is_greedy_with_log_probability_zero(model):
     sampled = generate(model, PROMPTS, 8, top_k=1, generator=torch.Generator().manual_seed(3))
     greedy = generate(model, PROMPTS, 8, temperature=0)

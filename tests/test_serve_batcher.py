@@ -10,7 +10,7 @@ from serving import single_thread  # noqa: F401 (autouse fixture)
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model import generate as generate_module
 from nanoseek.model.generate import generate
-from nanoseek.serve.batcher import Batcher, Job, QueueFull, Sampling
+from nanoseek.serve.batcher import Batcher, Job, NeverFits, QueueFull, Sampling
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, seq_len=40)
 
@@ -138,6 +138,32 @@ def test_queue_is_bounded_and_checks_the_context(model):
         b.submit([job([3], 5, [])])
     with pytest.raises(ValueError, match="context"):
         Batcher(model, letters).submit([job([1] * 30, 11, [])])
+
+
+def test_a_cancelled_queued_job_ends_and_gives_back_its_place(model):
+    b = Batcher(model, letters, max_batch=1, max_queue=2)
+    running, queued, other = [], [], []
+    b.submit([job([1, 2], 6, running)])
+    b._step()  # the first job runs; the next two wait behind it (max_batch=1)
+    waiting = [job([3], 6, queued), job([4], 6, other)]
+    b.submit(waiting)
+    with pytest.raises(QueueFull):
+        b.submit([job([5], 6, [])])
+    waiting[0].cancel()
+    b.submit([job([6], 2, [])])  # the cancelled job's place is free at once
+    b._step()
+    assert queued == [("done", "cancelled")] and waiting[0].tokens_after_cancel == 0
+    assert waiting[0] in b.ended and waiting[0] not in b.waiting
+    while b.running or b.waiting:
+        b._step()
+    assert running[-1] == ("done", "length") and other[-1] == ("done", "length")
+
+
+def test_more_sequences_than_the_queue_ever_holds_is_refused_for_good(model):
+    b = Batcher(model, letters, max_queue=2)
+    with pytest.raises(NeverFits, match="needs 3 sequences at once.*at most 2.*the queue holds 2"):
+        b.submit([job([1], 2, []) for _ in range(3)])
+    assert not b.waiting
 
 
 @torch.no_grad()

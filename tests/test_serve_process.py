@@ -103,6 +103,32 @@ def test_the_queue_bound_holds_and_a_dead_generation_process_gives_503_not_a_han
         assert health.status_code == 503 and "generation process exited" in health.json()["message"]
 
 
+@pytest.mark.parametrize("generation", ["thread", "process"])
+def test_clients_that_leave_while_queued_free_their_places(tmp_path, generation):
+    ckpt = random_checkpoint(tmp_path / "random", seq_len=256)
+    with running_server(slow_loader(ckpt, 0.05), generation=generation, max_batch=1, max_queue=2) as s:
+        url, messages = s.url + "/v1/chat/completions", [{"role": "user", "content": "go"}]
+        first = []
+        t = threading.Thread(target=lambda: first.append(httpx.post(url, json={"messages": messages, "max_tokens": 40},
+                                                                    timeout=60)))  # fmt: skip
+        t.start()
+        time.sleep(0.5)
+        for _ in range(2):  # queued behind the first request, then the client gives up
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json={"messages": messages, "max_tokens": 5}, timeout=0.5)
+        t.join(60)
+        assert first[0].status_code == 200
+        # the idle server takes a request needing both queue places (it answered 429 for good before)
+        r = httpx.post(url, json={"messages": messages, "max_tokens": 2, "n": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        assert "nanoseek_requests_cancelled_total 2" in httpx.get(s.url + "/metrics").text
+        too_many = httpx.post(url, json={"messages": messages, "max_tokens": 2, "n": 8}, timeout=30)
+        capacity = 2 if generation == "thread" else 3  # a generation process counts running and queued together
+        assert too_many.status_code == 400, too_many.text
+        error = too_many.json()["error"]
+        assert error["param"] == "n" and f"at most {capacity}" in error["message"]
+
+
 def load_in_the_server_only(folder):
     """Loads in the server's process and fails in the generation process (a broken disk, a missing device)."""
     if multiprocessing.parent_process() is not None:

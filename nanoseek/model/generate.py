@@ -59,7 +59,9 @@ def sample_next(
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
+    # shifted so that the largest logit is 0 before dividing: a tiny temperature then sends the others to -inf (a
+    # greedy choice) instead of overflowing the largest to inf (and the softmax to NaN)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,6 +69,7 @@ def sample_next(
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop[:, 0] = False  # the most probable token always stays (a top_p that rounds to 0 would drop them all)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     logp = torch.log_softmax(logits, -1)  # (B, V)
     # argmax of p / E with E ~ Exp(1) i.i.d. is a sample from p; one draw per vocabulary entry and row, always

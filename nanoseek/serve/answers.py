@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from nanoseek.serve.batcher import Job, QueueFull, Sampling, ShuttingDown
+from nanoseek.serve.batcher import Job, NeverFits, QueueFull, Sampling, ShuttingDown
 from nanoseek.serve.protocol import APIError, sse, usage
 from nanoseek.serve.reasoning import ReasoningSplitter
 
@@ -125,6 +125,8 @@ class RequestRun:
         self.open = len(self.jobs)
         try:
             server.batcher.submit(self.jobs)
+        except NeverFits as err:
+            raise APIError(400, str(err), "n", "too_many_sequences") from None
         except QueueFull as err:
             raise APIError(429, f"the server is busy: {err}; retry later", code="queue_full") from None
         except ShuttingDown as err:

@@ -47,6 +47,10 @@ class ShuttingDown(Exception):
     """The batcher is stopping and takes no new jobs."""
 
 
+class NeverFits(Exception):
+    """A request has more jobs than the batcher ever holds at once (the server answers 400: retrying cannot help)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one sequence is sampled (validated by the API layer)."""
@@ -103,6 +107,12 @@ class Job:
         self.cancelled.set()
         if self.on_cancel is not None:
             self.on_cancel()
+
+
+def check_capacity(jobs: list[Job], capacity: int, why: str) -> None:
+    if len(jobs) > capacity:
+        raise NeverFits(f"this request needs {len(jobs)} sequences at once (prompts × n) and this server takes at "
+                        f"most {capacity} ({why}); send fewer prompts or a smaller n")  # fmt: skip
 
 
 def check_fits(jobs: list[Job], seq_len: int) -> None:
@@ -249,11 +259,13 @@ class Batcher:
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs of one request together, or none of them."""
         check_fits(jobs, self.seq_len)
+        check_capacity(jobs, self.max_queue, f"the queue holds {self.max_queue}")
         with self.wake:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) + len(jobs) > self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue})")
+            waiting = sum(not j.cancelled.is_set() for j in self.waiting)  # the worker ends the cancelled ones
+            if waiting + len(jobs) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (the queue holds {self.max_queue})")
             self.waiting.extend(jobs)
             self.wake.notify()
 
@@ -299,12 +311,11 @@ class Batcher:
 
     def _step(self) -> None:
         self._drop([j for j in self.running if j.cancelled.is_set()])
+        self._end_cancelled_waiting()
         with self.wake:
             new = []
             while self.waiting and len(self.running) + len(new) < self.max_batch:
-                job = self.waiting.popleft()
-                if not job.cancelled.is_set():
-                    new.append(job)
+                new.append(self.waiting.popleft())
         if new:
             self._prefill(new)
         if not self.running:
@@ -393,6 +404,19 @@ class Batcher:
             self.ended.append(job)
         rows = self.batch.leave({i for i, j in enumerate(self.running) if j in jobs})
         self.running = [self.running[i] for i in rows]
+
+    def _end_cancelled_waiting(self) -> None:
+        """Take the cancelled jobs out of the queue and end them ("done", "cancelled") as a running job's cancel
+        ends: its request then finishes and, relayed from a generation process, frees its place there too. On the
+        worker thread only (a relayed job's events are collected there)."""
+        with self.wake:
+            cancelled = [j for j in self.waiting if j.cancelled.is_set()]
+            if cancelled:
+                self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
+        for job in cancelled:
+            job.tokens_after_cancel = 0
+            job.emit("done", "cancelled")
+            self.ended.append(job)
 
     def _joules(self) -> float:
         return self.meter.read() if self.meter is not None else 0.0

@@ -29,7 +29,17 @@ from collections.abc import Callable
 
 import torch
 
-from nanoseek.serve.batcher import Batcher, Job, JobStats, QueueFull, ShuttingDown, check_fits, compile_steps
+from nanoseek.serve.batcher import (
+    Batcher,
+    Job,
+    JobStats,
+    NeverFits,
+    QueueFull,
+    ShuttingDown,
+    check_capacity,
+    check_fits,
+    compile_steps,
+)
 
 
 class ProcessBatcher:
@@ -109,6 +119,7 @@ class ProcessBatcher:
     def submit(self, jobs: list[Job]) -> None:
         """Queue the jobs of one request together, or none of them."""
         check_fits(jobs, self.seq_len)
+        check_capacity(jobs, self.max_batch + self.max_queue, f"{self.max_batch} running and {self.max_queue} queued")
         with self.lock:
             if self.failed is not None:
                 raise ShuttingDown(self.failed)
@@ -238,8 +249,11 @@ def _child_main(conn, load: Callable, settings: dict) -> None:
 
     try:
         loaded = load()
+        # the server counts running and queued jobs together and never sends more than both limits allow: the
+        # child's own queue must take whatever arrives before its worker admits it
+        queue = settings["max_queue"] + settings["max_batch"]
         batcher = _RelayBatcher(conn, sends, loaded.model, loaded.tokenizer.decode, max_batch=settings["max_batch"],
-                                max_queue=settings["max_queue"], compile=settings["compile"], meter=settings["meter"],
+                                max_queue=queue, compile=settings["compile"], meter=settings["meter"],
                                 log=log)  # fmt: skip
         if settings["compile"]:
             compile_steps(batcher, log)
@@ -262,7 +276,7 @@ def _child_main(conn, load: Callable, settings: dict) -> None:
                 jobs.append(job)
             try:
                 batcher.submit(jobs)
-            except (QueueFull, ShuttingDown, ValueError) as err:  # the server checked these; report, never hang
+            except (QueueFull, NeverFits, ShuttingDown, ValueError) as err:  # checked by the server; report, never hang
                 for job in jobs:
                     job.emit("error", str(err))
                 batcher.flush()
