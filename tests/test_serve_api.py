@@ -147,6 +147,18 @@ def test_errors_have_openai_shape_and_status(client, server):
     for body, status in bad:
         r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # known fields keep their JSON types: nothing is quietly converted (an integer is still a number)
+    for field, value in (("seed", "42"), ("seed", 1.0), ("temperature", "0.5"), ("max_tokens", True), ("n", True),
+                         ("stream", "yes"), ("stop", 7)):  # fmt: skip
+        body = {"messages": [{"role": "user", "content": "Q"}], field: value}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, value, r.text)
+    assert ask(client, temperature=0, max_tokens=2, extra_body={"top_p": 1}).usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="at most 256 characters"):
+        ask(client, stop=["x" * 257])
+    plain_text = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": []}',
+                            headers={"Content-Type": "text/plain"})  # fmt: skip
+    assert plain_text.status_code == 400 and "Content-Type: application/json" in plain_text.json()["error"]["message"]
     assert httpx.get(server.url + "/nowhere").json()["error"]["message"] == "Not Found"
 
 
@@ -188,6 +200,9 @@ def test_api_key_is_required_everywhere_but_health_and_page(ckpt):
             bad.models.list()
         r = httpx.get(s.url + "/metrics")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        for header, status in (("bearer s3cret", 200), ("BEARER s3cret", 200), ("Basic s3cret", 401), ("s3cret", 401),
+                               ("Bearer s3cre", 401), ("Bearer s3cretX", 401)):  # fmt: skip
+            assert httpx.get(s.url + "/v1/models", headers={"Authorization": header}).status_code == status, header
         good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data[0].id == s.state.model_id
 

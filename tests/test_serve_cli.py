@@ -34,14 +34,24 @@ def test_chat_one_shot_prints_the_answer_alone_on_stdout(ckpt, capsys):
     assert f"thinking: {REASONING}" in err and "tok/s" in err and " J estimated" in err
 
 
+def test_one_shot_answer_cut_inside_the_thinking_keeps_the_statistics_on_their_own_line(ckpt, capsys):
+    assert main(["chat", "--ckpt", str(ckpt), "-p", "Q", "--temperature", "0", "--max-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n"  # no answer: the budget ended inside the thinking
+    thinking, stats = err.splitlines()[-2:]
+    cut = REASONING.encode()[:3].decode(errors="replace")  # 3 byte tokens: "x " and half of "é", shown as U+FFFD
+    assert thinking == f"thinking: {cut}" and stats.startswith("[3 tokens")
+
+
 def test_interactive_chat_commands_history_and_multiline(ckpt, capsys, monkeypatch):
-    lines = iter(["/set temperature 0", "/set top_p 5", "/set nothing 1", "Q", "/show", "wh\\", "at", "/show",
-                  "/clear", "/show", "/bye"])  # fmt: skip
+    lines = iter(["/set temperature 0", "/set top_p 5", "/set nothing 1", "/", "/set seed 99999999999999999999999",
+                  "Q", "/show", "wh\\", "at", "/show", "/clear", "/show", "/bye"])  # fmt: skip
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--ckpt", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "temperature = 0.0" in out and "error: top_p='5': top_p must be in (0, 1]" in out
-    assert "commands: /set NAME VALUE" in out  # unknown setting: the help
+    assert out.count("commands: /set NAME VALUE") == 2  # an unknown setting and a bare "/": the help
+    assert "error: seed='99999999999999999999999': seed must be in [0, 2**63)" in out
     assert f"thinking: {REASONING}\n{ANSWER}\n" in out
     shows = [line for line in out.splitlines() if line.startswith("history:")]
     assert shows == ["history: 1 turns", "history: 2 turns", "history: 0 turns"]  # "wh\nat" was one message

@@ -1,5 +1,7 @@
 """Streaming text: whole UTF-8 characters, stop strings never leaked, tags split across tokens, prompt rendering."""
 
+import random
+
 import pytest
 
 from nanoseek.data.tokenizer import ByteTokenizer
@@ -25,6 +27,18 @@ def test_partial_suffix_is_the_longest_proper_prefix_at_the_end():
     assert partial_suffix("abc<", ["</think>", "<answer>"]) == 1
     assert partial_suffix("abc</think>", ["</think>"]) == 0  # whole tag: not a proper prefix
     assert partial_suffix("", ["</think>"]) == 0
+
+
+def test_partial_suffix_equals_trying_every_length():
+    def every_length(text, patterns):
+        return max((k for p in patterns for k in range(1, min(len(p) - 1, len(text)) + 1) if text.endswith(p[:k])),
+                   default=0)  # fmt: skip
+
+    rng = random.Random(0)
+    for _ in range(3000):  # a small alphabet, so that prefixes repeat inside patterns and texts
+        text = "".join(rng.choices("ab<", k=rng.randint(0, 12)))
+        patterns = ["".join(rng.choices("ab<", k=rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
+        assert partial_suffix(text, patterns) == every_length(text, patterns), (text, patterns)
 
 
 def test_multibyte_characters_are_never_split_across_deltas():
@@ -83,6 +97,9 @@ def test_chat_format_renders_turns_and_drops_earlier_reasoning():
     prompt = fmt.render(messages)
     assert prompt == "Be brief.\n1+1\n<think></think>\n<answer>2</answer>\n2+2\n<think>"
     assert "one plus one" not in prompt and fmt.thinking_at_start(prompt)
+    # a raw compact completion sent back (it starts inside the think block the prompt opened)
+    raw = messages[:2] + [{"role": "assistant", "content": "one plus one</think>\n<answer>2</answer>"}, messages[3]]
+    assert fmt.render(raw) == prompt
     with pytest.raises(PromptError, match="last message must be from the user"):
         fmt.render(messages[:3])
     with pytest.raises(PromptError, match="role='tool'"):

@@ -155,7 +155,7 @@ def create_app(load: Callable, options: ServeOptions = ServeOptions(), meter=Non
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        message, param = validation_message(err.errors())
+        message, param = validation_message(err.errors(), request.headers.get("content-type", ""))
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
     @app.exception_handler(Exception)
@@ -253,7 +253,7 @@ class Guard:
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
         key = server.options.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -269,8 +269,9 @@ class Guard:
         try:
             headers = dict(scope["headers"])
             if self.expected and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-                given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.expected):
+                scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+                # the scheme is case-insensitive (RFC 9110 §11.1); the key is compared in constant time
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
                     error = APIError(401, "a valid API key is required: send Authorization: Bearer KEY",
                                      code="invalid_api_key")  # fmt: skip
                     return await JSONResponse(error.body(), 401)(scope, receive, counted_send)

@@ -19,8 +19,9 @@ from nanoseek.serve.template import ChatFormat, PromptError
 from nanoseek.train.load import load_model
 
 SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int, "seed": int}
-HELP = """commands: /set NAME VALUE (temperature, top_p, top_k, max_tokens — 0 = the most that fits —, seed or
-/set seed none), /show, /clear (forget the conversation), /bye. End a line with \\ to go on on the next line."""
+HELP = """commands: /set NAME VALUE (temperature, top_p, top_k, max_tokens — 0 = the checkpoint's task budget or
+the context left —, seed or /set seed none), /show, /clear (forget the conversation), /bye. End a line with \\ to
+go on on the next line."""
 DIM, RESET = "\033[2m", "\033[0m"
 
 
@@ -32,6 +33,8 @@ def check_setting(name: str, value: float | int | None) -> None:
         raise ValueError("top_p must be in (0, 1]")
     if name in ("top_k", "max_tokens") and value < 0:
         raise ValueError(f"{name} must be >= 0 (0 disables it)")
+    if name == "seed" and value is not None and not 0 <= value < 2**63:
+        raise ValueError("seed must be in [0, 2**63) (or none: a new one every answer)")
 
 
 class Chat:
@@ -102,6 +105,8 @@ class Chat:
         except KeyboardInterrupt:
             job.cancel()
             self.out.write(" [stopped]")
+        if script and thinking_shown and not content:  # the thinking's line ends before the statistics follow it
+            think_out.write("\n")
         self.out.write("\n")
         st = job.stats
         tps = st.completion_tokens / st.decode_s if st.decode_s else 0.0
@@ -114,7 +119,7 @@ class Chat:
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave the chat."""
-        name, *args = line[1:].split()
+        name, *args = line[1:].split() or [""]  # a bare "/" shows the help
         if name in ("bye", "exit", "quit"):
             return False
         if name == "clear":

@@ -1,13 +1,15 @@
 """The OpenAI wire format: request bodies, errors, usage with timings, energy and cost, and SSE framing.
 
 Request fields follow OpenAI's chat and legacy completions APIs (plus ``top_k``, a common extension). Unknown fields
-are accepted and ignored, as reference servers do. Every error has OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``.
+are accepted and ignored, as reference servers do; known ones must have their JSON type (strict: ``"seed": "42"``,
+``"max_tokens": true`` or ``"stream": "yes"`` are 400s, not quietly converted; an integer is a valid number).
+Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,7 @@ R1_PRICE_OUTPUT = 2.19
 MACHINE_PRICE_PER_HOUR = 0.10
 """US dollars per hour of this machine: about a 2-vCPU cloud VM (the same default as nanoseek compare on a CPU)."""
 MAX_STOP = 16
+MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
@@ -39,7 +42,7 @@ class APIError(Exception):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -54,18 +57,18 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool | None = False
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: str
     content: str | list[ContentPart] | None = None
 
@@ -96,18 +99,26 @@ CompletionRequest.model_rebuild()
 
 def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP or not all(stops):
-        raise APIError(400, f"stop must be a string or at most {MAX_STOP} non-empty strings", "stop")
+    if len(stops) > MAX_STOP or not all(stops) or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop must be a string or at most {MAX_STOP} non-empty strings of at most "
+                       f"{MAX_STOP_CHARS} characters", "stop")  # fmt: skip
     return tuple(stops)
 
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
+
+
+def validation_message(errors: list[dict], content_type: str = "application/json") -> tuple[str, str | None]:
     """pydantic's errors -> (one-line message, param) for a 400."""
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    # pydantic names the member of a union it tried ("stop.str", "prompt.list[int]"): the client sent "stop"
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _UNION_MEMBER.match(str(x))]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if param is None and "json" not in content_type.lower():
+        got = f"got {content_type!r}" if content_type else "none was sent"
+        return f"the request body must be JSON sent with Content-Type: application/json ({got})", None
     if param is None:
         return "the request body must be a JSON object", None
     return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param

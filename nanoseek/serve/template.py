@@ -17,7 +17,16 @@ import re
 from dataclasses import dataclass
 
 from nanoseek.data.tasks import TaskConfig
-from nanoseek.data.templates import ANSWER_CLOSE, ANSWER_OPEN, TEMPLATES, opens_think, render_prompt, render_target
+from nanoseek.data.templates import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    TEMPLATES,
+    THINK_CLOSE,
+    THINK_OPEN,
+    opens_think,
+    render_prompt,
+    render_target,
+)
 from nanoseek.schema import build_section
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -98,6 +107,11 @@ class ChatFormat:
 
 
 def strip_reasoning(text: str) -> str:
-    """An earlier answer as it is fed back: without its think block and without answer tags."""
+    """An earlier answer as it is fed back: without its think block and without answer tags. A completion of a
+    template that opens the think block itself (``compact``) starts inside it: text up to a ``</think>`` that no
+    ``<think>`` opened is reasoning too."""
+    close = text.find(THINK_CLOSE)
+    if close >= 0 and THINK_OPEN not in text[:close]:
+        text = text[close + len(THINK_CLOSE) :]
     text = _THINK_BLOCK.sub("", text)
     return text.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "").strip()
