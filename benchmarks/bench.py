@@ -16,16 +16,18 @@ missing (TRL, transformers: ``pip install -e ".[bench]" torch==2.13.0``) gets a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import busy_cores, cpu_has_bf16, load_average
+from common import busy_cores, cpu_has_bf16, cpu_ticks, load_average, require_at_least, write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,9 +48,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine since boot, CPU seconds of this process's finished children)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """(busy CPU seconds of the whole machine since boot, steal included, CPU seconds of this process's finished
+    children)."""
+    total, idle = cpu_ticks()
+    busy = (total - idle) / os.sysconf("SC_CLK_TCK")
     t = os.times()
     return busy, t.children_user + t.children_system
 
@@ -85,23 +88,42 @@ def run_one(name: str, extra: list[str], out: Path, a: argparse.Namespace) -> di
         relative = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         command = [sys.executable, str(HERE / f"{name}.py"), *args, *extra, "--json", str(relative)]
         print(f"[{name}] attempt {attempt + 1}: load average {load:.2f}; {' '.join(command[1:])}", flush=True)
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=a.timeout)
+        done = run_group(command, a.timeout)
         elapsed = time.monotonic() - t0
         busy1, own1 = cpu_seconds()
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / elapsed
-        (out / f"{name}.log").write_text(done.stdout + done.stderr)
+        write_atomic(out / f"{name}.log", done.stdout + done.stderr)
         if done.returncode or not path.exists():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             return {"benchmark": name, "status": f"failed (exit {done.returncode}): {last}", "rows": []}
         result = json.loads(path.read_text())
-        result |= {"seconds": elapsed, "others_cores": others, "others_before": others_before, "commit": commit}
+        result |= {"seconds": elapsed, "others_cores": others, "others_before": others_before, "commit": commit,
+                   "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
         clean = quiet and others <= a.max_others
         result["status"] = "ok" if clean else "load too high"
         print(f"[{name}] {elapsed:.0f} s, other processes {others:.2f} cores: {result['status']}", flush=True)
         if clean:
             break
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(path, json.dumps(result, indent=1) + "\n")
     return result
+
+
+def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a benchmark in a process group of its own; past ``timeout`` the whole group is killed (a server, the
+    children of a benchmark that times out must not load the next one), then TimeoutExpired is raised."""
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever the benchmark left running
+                os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def source_commit() -> str:
@@ -144,13 +166,18 @@ def main() -> None:
     p.add_argument("--reruns", type=int, default=1, help="reruns of a benchmark disturbed by other processes")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a benchmark is stopped")
     a = p.parse_args()
+    require_at_least(p, a, 0, "reruns", "max_wait", "max_load", "max_others")
+    if a.timeout <= 0:
+        p.error(f"--timeout={a.timeout} is invalid: expected seconds > 0")
     names = [n for n in a.only.split(",") if n]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     info = machine()
-    (a.out / "machine.json").write_text(json.dumps(info, indent=1) + "\n")
+    if names or not (a.out / "machine.json").exists():  # the header says when benchmarks last ran, not when the
+        # table was only rewritten
+        write_atomic(a.out / "machine.json", json.dumps(info, indent=1) + "\n")
     print(f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, torch {info['torch']}", flush=True)
     t0 = time.monotonic()
     for name in names:
@@ -160,7 +187,8 @@ def main() -> None:
             result = {"benchmark": name, "status": f"failed: stopped after {a.timeout:.0f} s", "rows": []}
         if result["status"].startswith(("skipped", "failed")):
             print(f"[{name}] {result['status']}", flush=True)
-            (a.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            result |= {"commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            write_atomic(a.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
     print(f"all benchmarks: {(time.monotonic() - t0) / 60:.1f} minutes", flush=True)
     from table import write_table
 

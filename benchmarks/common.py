@@ -9,6 +9,7 @@ goal is met (``met`` is None for a figure without a goal). ``benchmarks/bench.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import operator
 import os
@@ -25,9 +26,29 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 
 def require_at_least_one(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
     """One line and exit 2 (argparse's error) for the first of these integer flags that is below 1."""
+    require_at_least(parser, args, 1, *names)
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimum: float, *names: str) -> None:
+    """One line and exit 2 (argparse's error) for the first of these flags below ``minimum`` (a list flag: any of
+    its values). Flag names are the attributes' (``new_tokens`` is ``--new-tokens``)."""
     for name in names:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)} is invalid: expected at least 1")
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v < minimum:
+                flag = "--" + name.replace("_", "-")
+                parser.error(f"{flag}={v} is invalid: expected at least {minimum}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, flushed to disk, renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def setting_line(threads: int, load: float) -> str:
@@ -38,15 +59,29 @@ def setting_line(threads: int, load: float) -> str:
     return f"torch {torch.__version__}, {threads} threads, load average {load:.2f}, bf16 instructions: {native}"
 
 
-def row(metric: str, value: float | int | str | None, unit: str = "", goal: str | None = None) -> dict:
-    """One figure. ``goal`` is "<op> <number>" (e.g. "<= 1.10"), compared against ``value``; None means no goal."""
-    met = None
+def row(
+    metric: str, value: float | int | str | None, unit: str = "", goal: str | None = None, met: bool | None = None
+) -> dict:
+    """One figure. ``goal`` is "<op> <number>" (e.g. "<= 1.10"), compared against ``value``; None means no goal. A
+    value that is not a number (a goal that could not be measured) takes ``met`` as given: False when the run
+    itself showed the goal was missed (say, a target never reached), None when nothing can be said."""
     if goal is not None and isinstance(value, (int, float)):
         op, bound = goal.split()
         if op not in COMPARE:
             raise ValueError(f"goal {goal!r}: expected one of {', '.join(COMPARE)} then a number")
         met = bool(COMPARE[op](value, float(bound)))
     return {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the peer libraries a benchmark compared with (those not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
 
 
 def cpu_has_bf16() -> bool:
@@ -65,21 +100,24 @@ def load_average() -> float:
         return os.getloadavg()[0]
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all ticks, idle ticks) of the machine since boot from /proc/stat's first line: user, nice, system, idle,
+    iowait, irq, softirq and steal (time the hypervisor gave other machines counts as busy: it is taken from us).
+    Guest time is inside user already."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
+
+
 def busy_cores(seconds: float = 3.0) -> float:
     """Cores kept busy by all processes over the next ``seconds`` (from /proc/stat; None-safe: 0 if unreadable).
 
     Called while the caller itself sleeps, it measures what *other* processes use right now, which the 1-minute
     average cannot tell apart from the tail of the benchmark that just finished."""
 
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields[:8]), idle
-
     try:
-        total0, idle0 = sample()
+        total0, idle0 = cpu_ticks()
         time.sleep(seconds)
-        total1, idle1 = sample()
+        total1, idle1 = cpu_ticks()
     except OSError:
         return 0.0
     if total1 == total0:
@@ -100,7 +138,4 @@ def write_json(path: Path | None, name: str, rows: list[dict], load_before: floa
         "rows": rows,
         **extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(result, indent=1) + "\n")

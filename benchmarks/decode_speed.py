@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import add_json_argument, load_average, row, write_json
+from common import add_json_argument, load_average, require_at_least_one, row, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "2915186"  # main before the serving work: the generator this benchmark was written to speed up
@@ -69,6 +69,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="generations of 110 tokens per child run and mode")
     add_json_argument(ap)
     args = ap.parse_args()
+    require_at_least_one(ap, args, "repeats", "runs")
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.baseline}^{{commit}}"], cwd=ROOT,
+                           capture_output=True)  # fmt: skip
+    if known.returncode:
+        ap.error(f"--baseline={args.baseline!r} is not a commit of this checkout (a shallow clone may lack it)")
     load_before, rows = load_average(), []
     with tempfile.TemporaryDirectory() as tmp:
         command = ["git", "archive", args.baseline, "nanoseek"]
@@ -97,7 +102,11 @@ def main() -> None:
         )
         rows.append(row(f"batch-1 {mode} decode, compiled, demo shape, 1 thread", c["wall"], "tokens/s", ">= 500"))
         rows.append(row(f"batch-1 {mode} decode, eager", e["wall"], "tokens/s"))
-        rows.append(row(f"batch-1 {mode} decode, compiled / baseline {args.baseline}", c["wall"] / b["wall"], "×"))
+        # the serving issue's 500 tokens/s was set against ≈ 170 from the baseline generator on its day's machine:
+        # side by side on any machine, that is ≈ 2.9× the baseline
+        ratio_goal = ">= 2.9" if args.baseline == BASELINE else None
+        rows.append(row(f"batch-1 {mode} decode, compiled / baseline {args.baseline}", c["wall"] / b["wall"], "×",
+                        ratio_goal))  # fmt: skip
     warm = statistics.median(r["warm_up_s"] for r in results["compiled"])
     print(f"compiled side's first call (compile, or load from torch's compile cache): median {warm:.1f} s")
     write_json(args.json, "decode_speed", rows, load_before, 1)

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import add_json_argument, load_average, row, write_json  # noqa: E402
+from common import add_json_argument, load_average, package_versions, require_at_least_one, row, write_json  # noqa: E402
 
 from nanoseek.config import RunConfig  # noqa: E402
 from nanoseek.data.config import DataConfig  # noqa: E402
@@ -56,7 +56,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are reported (default 5)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     add_json_argument(p)
-    return p.parse_args()
+    a = p.parse_args()
+    try:
+        a.thread_counts = [int(t) for t in a.threads.split(",")]
+    except ValueError:
+        a.thread_counts = [0]
+    if min(a.thread_counts) < 1:
+        p.error(f"--threads={a.threads!r} is invalid: expected comma-separated integers >= 1, e.g. 1,2")
+    require_at_least_one(p, a, "repeats", "new_tokens")
+    return a
 
 
 def build(name: str, folder: Path):
@@ -125,7 +133,7 @@ def main() -> None:
     unknown = [c for c in names if c not in CLASSES]
     if unknown:
         raise SystemExit(f"--classes: unknown {unknown[0]!r}; choose from {', '.join(CLASSES)}")
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = args.thread_counts
     load, rows = load_average(), []
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} cores")  # fmt: skip
@@ -153,7 +161,7 @@ def main() -> None:
             rows.append(row(f"{name} ({architecture}): max abs Δ logits, fp32", delta, "", "<= 1e-5"))
             rows.append(row(f"{name}: greedy continuations identical", same, "of 8", ">= 8"))
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    write_json(args.json, "hf_parity", rows, load, max(threads))
+    write_json(args.json, "hf_parity", rows, load, max(threads), versions=package_versions("transformers"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from pydoc_data.topics import topics
 
 import torch
-from common import add_json_argument, load_average, row, write_json
+from common import add_json_argument, load_average, require_at_least, require_at_least_one, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.moe import moe_stats
@@ -65,7 +65,11 @@ def parse_args() -> argparse.Namespace:
         help="also time each arm with AdamW's per-parameter loop instead of the engine's fused AdamW",
     )
     add_json_argument(p)
-    return p.parse_args()
+    a = p.parse_args()
+    require_at_least_one(p, a, "d_model", "layers", "heads", "seq_len", "batch", "experts", "top_k", "steps",
+                         "repeats", "budget", "seeds", "threads")  # fmt: skip
+    require_at_least(p, a, 0, "shared", "first_k_dense", "warmup")
+    return a
 
 
 def configs(a: argparse.Namespace) -> dict[str, ModelConfig]:

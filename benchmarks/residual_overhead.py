@@ -294,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "seq", "dim", "streams", "sites", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)} is invalid: expected an integer >= 1")
+    if args.threads < 0:
+        p.error(f"--threads={args.threads} is invalid: expected 0 (torch's default) or a positive integer")
     if args.sites % 2:
         p.error(f"--sites={args.sites} is invalid: expected an even number (each layer has 2 sites)")
     args.runs = args.runs.split(",")

@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from common import add_json_argument, load_average, row, write_json
+from common import add_json_argument, load_average, require_at_least, require_at_least_one, row, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,6 +58,13 @@ def demo_checkpoint(folder: Path) -> Path:
     model = Transformer(cfg.model)
     save_checkpoint(folder, 1, model.state_dict(), cfg.to_dict(), ByteTokenizer(), {"step": 1, "stage": "pretrain"})
     return folder
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now: a server left over from another run cannot answer for ours."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(ckpt: Path, port: int, threads: int, compile: bool = True, generation: str = "process"):
@@ -286,7 +294,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each load level")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (clients use the other core)")
-    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--port", type=int, default=0, help="the server's port on 127.0.0.1 (default 0: a free one)")
     ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak with N requests instead")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="serve with eager decoding")
     ap.add_argument("--generation", choices=("process", "thread"), default="process",
@@ -294,6 +302,11 @@ def main() -> None:
                     "or a thread of the server's process")  # fmt: skip
     add_json_argument(ap)
     args = ap.parse_args()
+    require_at_least_one(ap, args, "clients", "threads")
+    require_at_least(ap, args, 0, "soak", "port")
+    if args.seconds <= 0:
+        ap.error(f"--seconds={args.seconds} is invalid: expected seconds > 0")
+    args.port = args.port or free_port()
     load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else demo_checkpoint(Path(tmp) / "demo-random")

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from common import add_json_argument, load_average, row, write_json
+from common import add_json_argument, load_average, require_at_least_one, row, write_json
 
 KEEP = {"NANOSEEK_OPENMP": "keep"}  # nanoseek leaves the OpenMP environment as it finds it
 SETTINGS = {
@@ -108,6 +108,9 @@ def main() -> None:
                         "all; 'nanoseek auto' and 'torch defaults', which the goals need, always are)")  # fmt: skip
     add_json_argument(parser)
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error(f"--steps={args.steps} is invalid: expected at least 4 (the first 3 are not timed)")
+    require_at_least_one(parser, args, "repeats")
     settings = [name.strip() for name in args.settings.split(",") if name.strip()]
     unknown = [name for name in settings if name not in SETTINGS]
     if unknown:

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from common import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = """\
@@ -18,9 +20,13 @@ Written by `make bench` (`benchmarks/bench.py`, then `benchmarks/table.py`): eve
 size given in its command, each result a ratio measured in one run where the figure is a comparison. "Load" is the
 1-minute load average before and after the benchmark; "others" is the CPU (in cores) that processes other than the
 benchmark used while it ran, measured from /proc/stat. A row marked **load too high** was measured while other work
-competed for the cores (after waiting and rerunning): its figure is noise, not a result. "Commit" is the code each
-benchmark ran ("+changes": with uncommitted changes to nanoseek or the benchmarks).
+competed for the cores (after waiting and rerunning): its figure is noise, not a result. A result written by a
+benchmark run by hand (not through `bench.py`, so without the load check) is marked **unchecked** and never counted
+as met. "Commit" and "date" say which code measured each benchmark and when ("+changes": with uncommitted changes
+to nanoseek or the benchmarks): `bench.py --only` reruns some benchmarks and keeps the others' last results.
 """
+
+UNCHECKED = "unchecked: not run by bench.py"
 
 
 def fmt(value) -> str:
@@ -38,8 +44,10 @@ def fmt(value) -> str:
 def verdict(r: dict, status: str) -> str:
     if r["met"] is None:
         return "—"
-    if status != "ok":
+    if status == "load too high":
         return "(load too high)"
+    if status != "ok":
+        return "(unchecked)"
     return "met" if r["met"] else "**not met**"
 
 
@@ -50,42 +58,45 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
     order = [n for n in (names or sorted(found)) if n in found]
     lines = [HEADER]
     bf16 = "yes" if machine["bf16"] else "no"
+    peers = {}
+    for res in found.values():
+        peers |= res.get("versions", {})
+    peer_text = "; compared with " + ", ".join(f"{k} {v}" for k, v in sorted(peers.items())) if peers else ""
     lines.append(
         f"Machine: {machine['cpu']}, {machine['cores']} cores (bf16 instructions: {bf16}); Python "
-        f"{machine['python']}, torch {machine['torch']} ({machine['torch_threads']} threads by default); last run "
-        f"at commit `{machine['commit']}`, {machine['date']} (each benchmark's own commit is in the second table).\n"
+        f"{machine['python']}, torch {machine['torch']} ({machine['torch_threads']} threads by default){peer_text}; "
+        f"benchmarks last run at commit `{machine['commit']}`, {machine['date']} (each benchmark's own commit and "
+        "date are in the second table).\n"
     )
     lines.append("| benchmark | figure | value | goal | met |\n|---|---|---|---|---|")
     for name in order:
         res = found[name]
-        status = res.get("status", "ok")
+        status = res.get("status", UNCHECKED)
         rows = res["rows"] or [{"metric": status, "value": "", "unit": "", "goal": None, "met": None}]
         for r in rows:
             value = f"{fmt(r['value'])} {r['unit']}".strip()
-            if status == "load too high":
-                value += " (load too high)"
+            if status in ("load too high", UNCHECKED):
+                value += f" ({status.split(':')[0]})"
             lines.append(f"| {name} | {r['metric']} | {value} | {r['goal'] or '—'} | {verdict(r, status)} |")
     lines.append("\n## How each was run\n")
-    lines.append("| benchmark | command | threads | load before → after | others (cores) | minutes | status | commit |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(
+        "| benchmark | command | threads | load before → after | others (cores) | minutes | status | commit | date |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for name in order:
         res = found[name]
+        when = f"{res.get('commit', '—')} | {res.get('date', '—')}"
         if "command" not in res:
-            lines.append(f"| {name} | — | — | — | — | — | {res['status']} | — |")
+            lines.append(f"| {name} | — | — | — | — | — | {res['status']} | {when} |")
             continue
         others = f"{res['others_cores']:.2f}" if "others_cores" in res else "—"
         minutes = f"{res['seconds'] / 60:.1f}" if "seconds" in res else "—"
         command = res["command"].replace(f"{ROOT}/", "")  # paths relative to the checkout
         lines.append(
             f"| {name} | `{command}` | {res['threads']} | {res['load_before']:.2f} → "
-            f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', 'not run by bench.py')} | "
-            f"{res.get('commit', '—')} |"
+            f"{res['load_after']:.2f} | {others} | {minutes} | {res.get('status', UNCHECKED)} | {when} |"
         )
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_atomic(out, "\n".join(lines) + "\n")
 
 
 def main() -> None:

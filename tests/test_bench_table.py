@@ -1,7 +1,9 @@
 """The benchmark table: goals compared right, disturbed runs never reported as met, skipped benchmarks shown."""
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ def test_goal_rows_compare_the_value_with_the_bound():
     assert row("x", 0.95, "×", ">= 0.9")["met"] is True
     assert row("x", 40.0, "ms", "< 50")["met"] is True and row("x", 50.0, "ms", "< 50")["met"] is False
     assert row("x", 1.0)["met"] is None and row("x", "not reached", goal="<= 0.2")["met"] is None
+    assert row("x", "not reached", goal="<= 0.2", met=False)["met"] is False  # a miss the run itself showed
+    assert row("x", 0.1, goal="<= 0.2", met=False)["met"] is True  # a measured value is always compared
     with pytest.raises(ValueError, match="expected one of"):
         row("x", 1.0, goal="~ 1")
 
@@ -30,15 +34,46 @@ def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch
     write_json(tmp_path / "busy.json", "busy", [row("speed ratio", 1.05, "×", "<= 1.1")], 3.5, 2)
     for name, status in (("quiet", "ok"), ("busy", "load too high")):
         result = json.loads((tmp_path / f"{name}.json").read_text()) | {"status": status, "others_cores": 0.1}
-        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": f"{name[0]}bc1234"}))
+        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": f"{name[0]}bc1234",
+                                                                     "date": "2026-12-02 05:00"}))  # fmt: skip
+    # written by hand, without bench.py's load check: shown, never counted as met
+    write_json(tmp_path / "hand.json", "hand", [row("speed ratio", 1.05, "×", "<= 1.1")], 0.1, 2,
+               versions={"trl": "1.16.0"})  # fmt: skip
     (tmp_path / "peer.json").write_text(json.dumps({"benchmark": "peer", "status": "skipped: trl not installed",
                                                     "rows": []}))  # fmt: skip
-    write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer"])
+    write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer", "hand"])
     text = (tmp_path / "B.md").read_text()
     assert "Test CPU, 2 cores" in text and "torch 2.13.0" in text
     assert "| quiet | speed ratio | 1.05 × | <= 1.1 | met |" in text
     assert "| busy | speed ratio | 1.05 × (load too high) | <= 1.1 | (load too high) |" in text
     assert "| peer | skipped: trl not installed |" in text
     assert "| quiet | `quiet.py --json x` | 2 | 0.20 →" in text
-    assert "| ok | qbc1234 |" in text and "| load too high | bbc1234 |" in text  # the code each one ran
-    assert "| peer | — | — | — | — | — | skipped: trl not installed | — |" in text
+    assert "| ok | qbc1234 | 2026-12-02 05:00 |" in text and "| load too high | bbc1234 |" in text  # code and time
+    assert "| peer | — | — | — | — | — | skipped: trl not installed | — | — |" in text
+    assert "| hand | speed ratio | 1.05 × (unchecked) | <= 1.1 | (unchecked) |" in text
+    assert "| unchecked: not run by bench.py | — | — |" in text and "compared with trl 1.16.0" in text
+
+
+def test_a_timed_out_benchmark_takes_its_children_with_it(tmp_path):
+    from bench import run_group
+
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; "
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")  # fmt: skip
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_group([sys.executable, "-c", script], timeout=3)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{child}").exists() and "Z" not in proc_state(child):
+        time.sleep(0.05)
+    assert not Path(f"/proc/{child}").exists() or "Z" in proc_state(child)  # gone (or a zombie awaiting init)
+    done = run_group([sys.executable, "-c", "print('ok')"], timeout=30)
+    assert done.returncode == 0 and done.stdout == "ok\n"
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
