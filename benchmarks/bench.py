@@ -126,6 +126,17 @@ def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
+def goal_rows(previous: Path) -> list[dict]:
+    """The goals a benchmark's last result file held, each as a row "not measured": what a failed run leaves in the
+    table instead of the goals disappearing from it."""
+    try:
+        rows = json.loads(previous.read_text()).get("rows", [])
+    except (OSError, ValueError):
+        return []
+    return [{"metric": r["metric"], "value": "not measured (the run failed)", "unit": "", "goal": r["goal"],
+             "met": None} for r in rows if r.get("goal")]  # fmt: skip
+
+
 def source_commit() -> str:
     """The checkout's commit, with "+changes" when nanoseek's or the benchmarks' tracked files differ from it: a
     long run records it before each benchmark, so a row says which code measured it."""
@@ -181,10 +192,13 @@ def main() -> None:
     print(f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, torch {info['torch']}", flush=True)
     t0 = time.monotonic()
     for name in names:
+        goals = goal_rows(a.out / f"{name}.json")  # before a run replaces the file
         try:
             result = run_one(name, [], a.out, a)
         except subprocess.TimeoutExpired:
             result = {"benchmark": name, "status": f"failed: stopped after {a.timeout:.0f} s", "rows": []}
+        if result["status"].startswith("failed"):
+            result["rows"] = goals  # the goals this benchmark checks stay in the table, not measured
         if result["status"].startswith(("skipped", "failed")):
             print(f"[{name}] {result['status']}", flush=True)
             result |= {"commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}

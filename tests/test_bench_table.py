@@ -77,3 +77,22 @@ def proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_failed_benchmark_keeps_its_goals_in_the_table_as_not_measured(tmp_path, monkeypatch):
+    import bench
+
+    scripts, out = tmp_path / "scripts", tmp_path / "out"
+    scripts.mkdir()
+    (scripts / "flaky.py").write_text("import sys\nsys.exit('flaky: it broke')\n")
+    monkeypatch.setattr(bench, "HERE", scripts)
+    monkeypatch.setattr(bench, "BENCHMARKS", {"flaky": ([], [])})
+    monkeypatch.setattr(sys, "argv", ["flaky.py", "--json", "x"])
+    write_json(out / "flaky.json", "flaky", [row("speed ratio", 1.05, "×", "<= 1.1"), row("info", 3.0)], 0.1, 2)
+    argv = ["--only", "flaky", "--out", str(out), "--table", str(tmp_path / "B.md"), "--max-load", "100"]
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    bench.main()
+    text = (tmp_path / "B.md").read_text()
+    assert "| flaky | speed ratio | not measured (the run failed) | <= 1.1 | — |" in text
+    assert "| flaky | info |" not in text  # a figure without a goal is not kept
+    assert "failed (exit 1): flaky: it broke" in text
