@@ -115,13 +115,8 @@ def run_group(command: list[str], timeout: float) -> subprocess.CompletedProcess
                           start_new_session=True) as proc:  # fmt: skip
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        finally:  # a timed-out benchmark, or whatever a finished one left running
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # whatever the benchmark left running
                 os.killpg(proc.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 

@@ -60,8 +60,8 @@ def parse_args() -> argparse.Namespace:
     try:
         a.thread_counts = [int(t) for t in a.threads.split(",")]
     except ValueError:
-        a.thread_counts = [0]
-    if min(a.thread_counts) < 1:
+        a.thread_counts = []
+    if not a.thread_counts or min(a.thread_counts) < 1:
         p.error(f"--threads={a.threads!r} is invalid: expected comma-separated integers >= 1, e.g. 1,2")
     require_at_least_one(p, a, "repeats", "new_tokens")
     return a

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure the checkout this file is in
-from common import add_json_argument, load_average, row, write_json  # noqa: E402
+from common import add_json_argument, load_average, require_at_least_one, row, write_json  # noqa: E402
 
 from nanoseek import ModelConfig, Transformer  # noqa: E402
 from nanoseek.model.attention import rotary_tables  # noqa: E402
@@ -291,9 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.dim, args.sites, args.repeats, args.warmup = 2, 32, 64, 2, 3, 1
-    for name in ("batch", "seq", "dim", "streams", "sites", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name}={getattr(args, name)} is invalid: expected an integer >= 1")
+    require_at_least_one(p, args, "batch", "seq", "dim", "streams", "sites", "repeats")
     if args.threads < 0:
         p.error(f"--threads={args.threads} is invalid: expected 0 (torch's default) or a positive integer")
     if args.sites % 2:
