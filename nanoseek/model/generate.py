@@ -99,8 +99,7 @@ def autocast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # the compiled decode step calls its kernels from inductor's generated C++ instead of Python, which spent ≈ 0.2 ms of a
-# ≈ 1.2 ms batch-1 step making tensor views and checking sizes between them; the price is a longer first compile on
-# a cold cache (the kernels and their caller built as one library), none with a warm one (docs/LOG.md)
+# ≈ 1.2 ms batch-1 step making tensor views and checking sizes between them (docs/LOG.md)
 CPP_WRAPPER = True
 
 
@@ -130,7 +129,9 @@ def _compiled(model: torch.nn.Module, method: str, cpp_wrapper: bool = False) ->
         options: dict = {"guard_filter_fn": _guard_filter}
         device = next(model.parameters()).device.type
         if device == "cpu" and cpp_wrapper:
-            options["cpp_wrapper"] = True
+            # the kernels built and cached on their own, as for the Python caller: built into one library with the
+            # caller, a cold compile took ≈ 10 % longer; the speed is the same either way (docs/LOG.md)
+            options.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
         steps[method] = torch.compile(getattr(model, method), options=options)
         prepare_in_background(device)  # inductor's once-per-process CPU probes, overlapping the first trace
     return steps[method]
