@@ -253,33 +253,47 @@ def generate(
             logits = prefill(model, cache, seq, pad_mask, compile_prefill)  # (B, V)
     else:
         logits = model(seq, pad_mask=pad_mask)[:, -1]
-    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=device)
-    logprobs = torch.zeros(b, max_new_tokens, device=device)
+    # each step's (B,) tokens, log-probabilities and live rows, stacked once at the end: writing them into (B, T)
+    # tensors as they come cost six small operations a token, a tenth of a batch-1 step (docs/LOG.md)
+    picked: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    alive: list[torch.Tensor | None] = []  # None: every row was live at that step
     done = torch.zeros(b, dtype=torch.bool, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     window = max((len(s.encode()) for s in stop), default=0)
-    steps = 0
+    any_done = False  # no row has ended yet, so no token needs padding
     for t in range(max_new_tokens):
         nxt, lp = sample_next(logits, temperature, top_k, top_p, generator)
-        live = ~done
-        step_tokens = torch.where(live, nxt, pad_id)  # (B,) contiguous: the compiled step's input
-        tokens[:, t] = step_tokens
-        logprobs[:, t] = torch.where(live, lp, 0.0)
-        mask[:, t] = live
-        ended = live & (nxt == eos_id) if eos_id is not None else torch.zeros_like(live)
-        for i in live.nonzero().flatten().tolist() if window else ():
-            tail = decode(tokens[i, max(0, t + 1 - window) : t + 1].tolist())
-            ended[i] |= any(s in tail for s in stop)
-        finished |= ended
-        done |= ended
-        steps = t + 1
-        if bool(done.all()) or steps == max_new_tokens:
+        live = None
+        if any_done:
+            live = ~done
+            nxt, lp = torch.where(live, nxt, pad_id), torch.where(live, lp, 0.0)
+        picked.append(nxt)
+        scores.append(lp)
+        alive.append(live)
+        if eos_id is not None or window:
+            ended = nxt == eos_id if eos_id is not None else torch.zeros_like(done)
+            if live is not None:
+                ended &= live
+            if window:
+                recent = torch.stack(picked[-window:], 1)
+                for i in live.nonzero().flatten().tolist() if live is not None else range(b):
+                    ended[i] |= any(s in decode(recent[i].tolist()) for s in stop)
+            if bool(ended.any()):
+                any_done = True
+                finished |= ended
+                done |= ended
+                if bool(done.all()):
+                    break
+        if t + 1 == max_new_tokens:
             break
         if cache is not None:
-            logits = decode_next(model, cache, step_tokens, compile)
+            logits = decode_next(model, cache, nxt, compile)
         else:
-            full = torch.cat([seq, tokens[:, :steps]], dim=1)
-            full_mask = torch.cat([pad_mask, torch.ones(b, steps, dtype=torch.bool, device=device)], dim=1)
+            full = torch.cat([seq, torch.stack(picked, 1)], dim=1)
+            full_mask = torch.cat([pad_mask, torch.ones(b, t + 1, dtype=torch.bool, device=device)], dim=1)
             logits = model(full, pad_mask=full_mask)[:, -1]
-    return Generation(tokens[:, :steps], mask[:, :steps], logprobs[:, :steps], finished)
+    every = torch.ones(b, dtype=torch.bool, device=device)
+    mask = torch.stack([every if live is None else live for live in alive], 1)
+    logprobs = torch.stack(scores, 1).to(torch.get_default_dtype())
+    return Generation(torch.stack(picked, 1), mask, logprobs, finished)
