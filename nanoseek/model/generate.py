@@ -253,8 +253,9 @@ def generate(
             logits = prefill(model, cache, seq, pad_mask, compile_prefill)  # (B, V)
     else:
         logits = model(seq, pad_mask=pad_mask)[:, -1]
-    # each step's (B,) tokens, log-probabilities and live rows, stacked once at the end: writing them into (B, T)
-    # tensors as they come cost six small operations a token, a tenth of a batch-1 step (docs/LOG.md)
+    # each step's (B,) tokens, log-probabilities and live rows, stacked once at the end; rows are padded only after one
+    # has ended, and endings checked only when there is something to end on: writing into (B, T) tensors step by step
+    # and padding and checking regardless were a dozen small operations a token, ≈ 10 % of batch-1 decoding (LOG.md)
     picked: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
     alive: list[torch.Tensor | None] = []  # None: every row was live at that step
