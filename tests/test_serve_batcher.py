@@ -41,9 +41,17 @@ def test_rows_joining_at_different_steps_decode_as_they_would_alone(model, compi
     batch decodes with the compiled step (its batch size and cache length changing as rows come and go)."""
     if compile and model.cfg.residual != "plain":
         pytest.skip("the compiled step of mhc-moe is checked in test_generate.py; one compile here is enough")
-    compiled_steps = []
-    compiled_step = generate_module.compiled_decode_step
+    compiled_steps = []  # one per decode step run compiled, ahead of time (on CPU) or by torch.compile
+    compiled_step, ahead_step = generate_module.compiled_decode_step, generate_module.ahead_of_time_step
     monkeypatch.setattr(generate_module, "compiled_decode_step", lambda m: compiled_steps.append(1) or compiled_step(m))
+
+    def ahead(m):
+        step = ahead_step(m)
+        if step is not None:
+            compiled_steps.append(1)
+        return step
+
+    monkeypatch.setattr(generate_module, "ahead_of_time_step", ahead)
     b = Batcher(model, letters, max_batch=4, compile=compile)
     moves = []  # (slots trimmed from the left, shift right) of every rebuild of the cache
     original = b.batch._move

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.inductor import prepare_in_background
+from nanoseek.model.ahead import ahead_of_time_step
 from nanoseek.model.attention import KVCache
 from nanoseek.schema import require
 
@@ -101,6 +102,9 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # the compiled decode step calls its kernels from inductor's generated C++ instead of Python, which spent ≈ 0.2 ms of a
 # ≈ 1.2 ms batch-1 step making tensor views and checking sizes between them (docs/LOG.md)
 CPP_WRAPPER = True
+# on CPU, outside autocast, a compiled decode runs the step compiled ahead of time (nanoseek/model/ahead.py: the same
+# generated C++ called without torch.compile's per-call Python, ≈ 0.6 of the step's time); torch.compile's otherwise
+AHEAD_OF_TIME = True
 
 
 def compiled_decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
@@ -168,12 +172,16 @@ def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, co
     if c.pos >= c.max_len:
         raise ValueError(f"KV cache is full: {c.pos + 1} positions needed, max_len={c.max_len}")
     slot, position = torch.tensor(c.pos, device=c.k.device), torch.tensor(c.pos + c.offset, device=c.k.device)
-    window = (c.k[:, :, :, : c.pos], c.v[:, :, :, : c.pos], c.valid[:, : c.pos])  # the filled slots only
-    for t in window:
-        torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t.dim() > 2 else 1)
-    tokens = tokens.contiguous()
-    torch._dynamo.maybe_mark_dynamic(tokens, 0)
-    logits, k, v = compiled_decode_step(model)(tokens, *window, slot, position)
+    ahead = ahead_of_time_step(model) if AHEAD_OF_TIME else None
+    if ahead is not None:
+        logits, k, v = ahead(tokens, c, slot, position)
+    else:
+        window = (c.k[:, :, :, : c.pos], c.v[:, :, :, : c.pos], c.valid[:, : c.pos])  # the filled slots only
+        for t in window:
+            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t.dim() > 2 else 1)
+        tokens = tokens.contiguous()
+        torch._dynamo.maybe_mark_dynamic(tokens, 0)
+        logits, k, v = compiled_decode_step(model)(tokens, *window, slot, position)
     c.k[:, :, :, c.pos : c.pos + 1] = k
     c.v[:, :, :, c.pos : c.pos + 1] = v
     c.pos += 1

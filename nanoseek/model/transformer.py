@@ -171,6 +171,13 @@ class Transformer(nn.Module):
             cache.pos += t
         return self.norm(self.collapse(x))
 
+    @property
+    def exportable(self) -> bool:
+        """Whether ``decode_step`` traces into one whole graph (``torch.export``): not with MoE layers, whose
+        grouped dispatch runs ``grouped_mm`` eagerly outside any graph (its meta kernel in torch 2.13 takes bf16
+        only) and whose loop dispatch gives each expert a data-dependent number of rows."""
+        return self.cfg.ffn != "moe"
+
     def decode_step(
         self,
         tokens: torch.Tensor,

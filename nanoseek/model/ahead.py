@@ -1,0 +1,219 @@
+"""The decode step compiled ahead of time: ``Transformer.decode_step`` exported once (``torch.export``) and built by
+AOTInductor into a library that is called directly, without torch.compile's per-call machinery.
+
+A batch-1 token of the demo model costs ≈ 0.8 ms in the torch.compile'd step, of which only ≈ 0.35 ms is the
+kernels' work (21 matrix-vector products reading 7.3 MB of weights, the attention and the norms): the rest is
+Python and dynamo around the kernels — the guard check on ≈ 50 tensors, the bytecode that gathers the parameters,
+the AOTAutograd and inductor wrappers, a tensor made for each symbolic size (docs/LOG.md). The ahead-of-time library
+takes the same inputs and runs the same kind of generated C++ in ≈ 0.6 of the time, with the same numbers.
+
+What the library is given, so that one build serves every batch, cache and weight update:
+
+- the parameters and buffers as inputs (never baked in as constants): a GRPO update or a ``load_state_dict`` is
+  seen at the next step, as with torch.compile;
+- the KV cache's whole buffers (L, R, H_kv, S, D) and (R, S) with their row count R and slot count S dynamic, plus
+  the tokens (B,) and a 1-D ``window`` tensor whose length is the number of filled slots: the step reads the first
+  B rows and window slots of the buffers. Exported inputs have fixed strides, so the step cannot take a cache
+  window's view (its strides depend on the buffer) — but a prefix of a contiguous buffer it can slice itself;
+- inductor's input checks are on (``AOTI_RUNTIME_CHECK_INPUTS``): a tensor of another dtype or layout is an error,
+  not a misread.
+
+The built library is kept in inductor's cache folder under a key hashed from the exported graph's code, its inputs'
+dtypes and shapes, torch's version and the CPU's vector instructions: a later process exports again (seconds) and
+loads the library (milliseconds) instead of building it (tens of seconds). CPU only, no autocast (a step under
+autocast uses torch.compile), and not for models whose step cannot be exported whole (``Transformer.exportable``:
+not MoE models, whose experts get data-dependent numbers of rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+
+from nanoseek.model.attention import KVCache
+
+FORMAT = 1  # bump when what is exported or how it is called changes
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FAILED = object()  # a model whose export or build failed once: torch.compile serves it from then on
+
+
+class _Step(torch.nn.Module):
+    """``model.decode_step`` as a module's forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.decode_step(*args)
+
+
+class _Window(torch.nn.Module):
+    """``decode_step`` over the first B rows and ``window`` slots of whole cache buffers, with the model's
+    parameters passed in; holds no tensors of its own, so the export lifts none as constants."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        object.__setattr__(self, "step", _Step(model))  # not a submodule: its weights are inputs, not state
+        self.names = [f"model.{name}" for name in names]
+
+    def forward(self, tensors, tokens, k, v, valid, window, slot, position):
+        b, n = tokens.shape[0], window.shape[0]
+        torch._check(b <= k.shape[1])
+        torch._check(n <= k.shape[3])
+        state = dict(zip(self.names, tensors, strict=True))
+        args = (tokens, k[:, :b, :, :n], v[:, :b, :, :n], valid[:b, :n], slot, position)
+        return torch.func.functional_call(self.step, state, args, strict=True, tie_weights=False)
+
+
+class AheadOfTimeDecodeStep:
+    """``model.decode_step`` as an AOTInductor library; call it with (tokens (B,), cache, slot, position) for the
+    next logits (B, V) and the new keys and values (L, B, H_kv, 1, D), as the torch.compile'd step returns them."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.owners = [_owner(model, name, "parameter") for name, _ in model.named_parameters()]
+        self.owners += [_owner(model, name, "buffer") for name, _ in model.named_buffers()]
+        names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+        tensors = self.tensors()
+        self.dtype, self.device = tensors[0].dtype, tensors[0].device
+        os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")  # read once, when the first library is called
+        example = KVCache(model.cfg, 5, 37, self.device, self.dtype)  # sizes no other dimension shares
+        window, slot = torch.empty(11, device=self.device), torch.tensor(11, device=self.device)
+        tokens = torch.zeros(3, dtype=torch.long, device=self.device)
+        inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, slot, slot)
+        dim = torch.export.Dim
+        rows, slots = dim("rows", min=1, max=1 << 16), dim("slots", min=2, max=1 << 20)
+        batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=1 << 20)
+        cache, valid = {1: rows, 3: slots}, {0: rows, 1: slots}
+        shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None, None)
+        with torch.no_grad():
+            program = torch.export.export(_Window(model, names), inputs, dynamic_shapes=shapes, strict=False)
+        described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(self.device)]
+        key = hashlib.sha256(
+            "\n".join(
+                [
+                    str(FORMAT),
+                    torch.__version__,
+                    sys.version,
+                    torch.backends.cpu.get_cpu_capability(),
+                    repr(described),
+                    program.graph_module.code,
+                ]
+            ).encode()
+        ).hexdigest()[:32]
+        self.path = _build(program, key)
+        self.loader = torch._inductor.aoti_load_package(str(self.path)).loader
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The model's parameters and buffers now: a parameter replaced in its module is seen (a replaced module
+        is not; torch.compile's step, which reads the model afresh, would see that too)."""
+        return [owner[name] for owner, name in self.owners]
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor, position: torch.Tensor):
+        k, v, valid = _buffers(cache)
+        window = _window(cache.pos, tokens.device)
+        return self.loader.run([*self.tensors(), tokens.contiguous(), k, v, valid, window, slot, position])
+
+
+def _owner(model: torch.nn.Module, name: str, kind: str) -> tuple[dict, str]:
+    """The dict that holds a parameter or buffer by name, and its key there: reading it at each call sees a
+    replaced tensor at the cost of one lookup."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return (module._parameters if kind == "parameter" else module._buffers), attr
+
+
+def _buffers(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache's k, v and valid as contiguous buffers whose first rows (dimension 1 of k and v, 0 of valid) they
+    are: the buffers they view when they are such a prefix (a server's running batch views its first rows), else
+    themselves when contiguous, else contiguous copies (correct, slower). All three the same way, so that they agree
+    on the row and slot counts the library reads them with."""
+    tensors = (cache.k, cache.v, cache.valid)
+    bases = [_prefix_base(t, 1 if t.dim() == 5 else 0) for t in tensors]
+    if all(b is not None for b in bases) and bases[0].shape[1] == bases[1].shape[1] == bases[2].shape[0]:
+        return tuple(bases)
+    if all(t.is_contiguous() for t in tensors):
+        return tensors
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _prefix_base(t: torch.Tensor, row_dim: int) -> torch.Tensor | None:
+    """The contiguous tensor ``t`` is the first rows of, along ``row_dim``: itself, or the buffer it views."""
+    base = t._base if t._base is not None else t
+    if (
+        base.is_contiguous()
+        and base.dim() == t.dim()
+        and t.data_ptr() == base.data_ptr()
+        and t.stride() == base.stride()
+        and all(t.shape[d] == base.shape[d] for d in range(t.dim()) if d != row_dim)
+    ):
+        return base
+    return None
+
+
+_WINDOWS: dict[torch.device, torch.Tensor] = {}
+
+
+def _window(n: int, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of length n (its values unused): a prefix of one kept buffer, so nothing is allocated."""
+    buf = _WINDOWS.get(device)
+    if buf is None or buf.shape[0] < n:
+        buf = _WINDOWS[device] = torch.empty(max(n, 4096), device=device)
+    return buf[:n]
+
+
+def _build(program, key: str) -> Path:
+    """The library for this key: from the cache folder, or built there (written to a temporary name and renamed,
+    so a reader never sees half a file and two processes building it at once both end with a whole one)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = Path(cache_dir()) / "nanoseek_ahead"
+    path = folder / f"decode_step_{key}.pt2"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".pt2")  # the package must end in .pt2
+    os.close(fd)
+    try:
+        # dimensions of size 1 (one row, one filled slot) are valid inputs: no lower bound of 2 in the input checks
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=tmp, inductor_configs={"aot_inductor.check_lowerbound": False}
+        )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def ahead_of_time_step(model: torch.nn.Module) -> AheadOfTimeDecodeStep | None:
+    """The model's ahead-of-time decode step, built on first use and kept for the model's lifetime (one per
+    train / eval mode); None when it does not apply — not on CPU, under autocast, a model that cannot be exported
+    whole — or when its export or build failed (said once, in a warning; torch.compile's step is used instead)."""
+    param = next(model.parameters())
+    if param.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not getattr(model, "exportable", False):
+        return None
+    steps = _STEPS.setdefault(model, {})
+    mode = model.training
+    step = steps.get(mode)
+    if step is None:
+        try:
+            step = AheadOfTimeDecodeStep(model)
+        except Exception as e:  # noqa: BLE001 - any failure leaves torch.compile's step, which computes the same
+            warnings.warn(
+                f"the decode step could not be compiled ahead of time ({type(e).__name__}: {str(e)[:300]}); "
+                "torch.compile's step is used instead",
+                stacklevel=2,
+            )
+            step = _FAILED
+        steps[mode] = step
+    if step is _FAILED or step.dtype != param.dtype:
+        return None
+    return step

@@ -1,0 +1,127 @@
+"""The decode step compiled ahead of time (nanoseek/model/ahead.py): the same numbers as the model's cached forward,
+for any batch, cache and weights; the built library reused; where it does not apply, torch.compile's step."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import nanoseek.model.generate as generate_module
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.ahead import AheadOfTimeDecodeStep, ahead_of_time_step
+from nanoseek.model.attention import KVCache
+from nanoseek.model.generate import decode_next, prefill
+
+# the shape tests/test_generate.py decodes compiled too, so one build serves both files
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, seq_len=48)
+
+pytestmark = pytest.mark.slow  # the first build of a library takes tens of seconds
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(CFG).double().eval()
+
+
+def filled_cache(model, prompts, slots, rows=None):
+    """A cache of ``rows`` rows (default: one per prompt) with the left-padded prompts prefilled in its first rows;
+    returns (cache viewing those rows, the whole cache)."""
+    longest = max(len(p) for p in prompts)
+    whole = KVCache(model.cfg, rows or len(prompts), slots, dtype=torch.float64)
+    part = KVCache(model.cfg, len(prompts), longest, dtype=torch.float64)
+    seq = torch.zeros(len(prompts), longest, dtype=torch.long)
+    pad = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        seq[i, longest - len(p) :], pad[i, longest - len(p) :] = torch.tensor(p), True
+    prefill(model, part, seq, pad)
+    n = len(prompts)
+    whole.k[:, :n, :, :longest], whole.v[:, :n, :, :longest], whole.valid[:n, :longest] = part.k, part.v, part.valid
+    view = KVCache(model.cfg, 1, 1)
+    view.k, view.v, view.valid = whole.k[:, :n], whole.v[:, :n], whole.valid[:n]
+    view.max_len, view.pos, view.offset = slots, longest, 0
+    return view, whole
+
+
+@torch.no_grad()
+def test_the_ahead_of_time_step_equals_the_cached_forward(model):
+    """Step by step from left-padded prompts, over a cache that views the first rows of a larger buffer (a server's
+    running batch), then over a whole cache of another batch size: the same logits as the model's forward with a
+    KVCache and the cache filled the same way, to 1e-6 in float64: the rotary tables are float32 by design, and the
+    generated code's vectorised cos and sin round them differently from eager's (as torch.compile's do)."""
+    assert ahead_of_time_step(model) is not None
+    for prompts, rows in (([[5, 9, 2], [7, 1, 1, 3, 8, 6, 2]], 4), ([[4], [3, 3], [8, 1, 6], [2, 2, 2, 2]], None)):
+        ahead, _ = filled_cache(model, prompts, 30, rows)
+        eager, _ = filled_cache(model, prompts, 30)
+        tokens = torch.tensor([p[-1] for p in prompts])
+        for _ in range(9):
+            got = decode_next(model, ahead, tokens, compile=True)
+            want = decode_next(model, eager, tokens)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            tokens = want.argmax(-1)
+        assert ahead.pos == eager.pos
+        for a, b in ((ahead.k, eager.k), (ahead.v, eager.v)):
+            torch.testing.assert_close(a[:, :, :, : eager.pos], b[:, :, :, : eager.pos], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_the_ahead_of_time_step_sees_updated_and_replaced_weights(model):
+    """The parameters are inputs of the library, read at every call: an in-place update (an optimiser step) and a
+    replaced parameter (``module.weight = Parameter(...)``) both change the next step's logits as they change the
+    forward's."""
+    m = copy.deepcopy(model)
+    tokens = torch.tensor([3, 4])
+    replacement = torch.nn.Parameter(torch.randn(32, 32, dtype=torch.float64))
+    for change in (
+        lambda: m.blocks[0].ffn.fn.down.weight.mul_(1.5),
+        lambda: setattr(m.blocks[1].attn.fn.proj, "weight", replacement),
+    ):
+        change()
+        ahead, _ = filled_cache(m, [[5, 9, 2], [7, 1]], 20)
+        eager, _ = filled_cache(m, [[5, 9, 2], [7, 1]], 20)
+        torch.testing.assert_close(
+            decode_next(m, ahead, tokens, compile=True), decode_next(m, eager, tokens), rtol=0, atol=1e-6
+        )
+
+
+def test_the_library_is_built_once_and_written_whole(model):
+    """A second step of the same model (another process would do the same) finds the built library by its key and
+    loads it; no half-written file is left in the folder."""
+    first = ahead_of_time_step(model)
+    built = os.path.getmtime(first.path)
+    again = AheadOfTimeDecodeStep(model)
+    assert again.path == first.path and os.path.getmtime(again.path) == built
+    assert not [f for f in os.listdir(first.path.parent) if f.startswith(".building-")]
+
+
+@torch.no_grad()
+def test_a_cache_of_another_dtype_is_an_error_not_a_misread(model):
+    """Inductor's input checks are on: a float32 cache given to a float64 model's library is refused."""
+    step = ahead_of_time_step(model)
+    cache = KVCache(model.cfg, 1, 8, dtype=torch.float32)
+    cache.pos = 3
+    with pytest.raises(RuntimeError, match="dtype"):
+        step(torch.tensor([1]), cache, torch.tensor(3), torch.tensor(3))
+
+
+def test_where_it_does_not_apply_torch_compile_serves(model, monkeypatch):
+    """Under autocast, for MoE models (not exportable whole, with either dispatch) and once the model's dtype
+    changed, there is no ahead-of-time step; with ``generate.AHEAD_OF_TIME`` off, decode_next does not ask for one."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ahead_of_time_step(model) is None
+    for dispatch in ("grouped", "loop"):
+        extra = dict(ffn="moe", n_routed_experts=4, top_k=2, moe_dispatch=dispatch)
+        moe = Transformer(ModelConfig(**{**CFG.__dict__, **extra}))
+        assert not moe.exportable and ahead_of_time_step(moe) is None
+    m = copy.deepcopy(model)
+    assert ahead_of_time_step(m) is not None
+    m.float()
+    assert ahead_of_time_step(m) is None
+    asked = []
+    monkeypatch.setattr(generate_module, "ahead_of_time_step", lambda m: asked.append(m))
+    monkeypatch.setattr(generate_module, "AHEAD_OF_TIME", False)
+    cache, _ = filled_cache(model, [[1, 2]], 8)
+    with torch.no_grad():
+        decode_next(model, cache, torch.tensor([3]), compile=True)
+    assert not asked
