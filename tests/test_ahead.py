@@ -11,7 +11,7 @@ import nanoseek.model.generate as generate_module
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.ahead import AheadOfTimeDecodeStep, ahead_of_time_step
 from nanoseek.model.attention import KVCache
-from nanoseek.model.generate import decode_next, prefill
+from nanoseek.model.generate import decode_next, generate, prefill
 
 # the shape tests/test_generate.py decodes compiled too, so one build serves both files
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, seq_len=48)
@@ -66,6 +66,27 @@ def test_the_ahead_of_time_step_equals_the_cached_forward(model):
 
 
 @torch.no_grad()
+def test_one_filled_slot_and_a_cache_that_is_no_buffers_prefix(model):
+    """Two cases off the usual path: a one-token prompt (one filled slot at the first step) through generate, and a
+    cache whose tensors view a buffer from its third slot on (not a prefix, so the library gets copies and the new
+    slot is written back): the same tokens and logits as eager decoding."""
+    runs = [generate(model, [[4]], 6, temperature=0.0, compile=c) for c in (False, True)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, rtol=0, atol=1e-6)
+    shifted = KVCache(model.cfg, 2, 24, dtype=torch.float64)
+    ahead, _ = filled_cache(model, [[5, 9, 2], [7, 1]], 22)
+    eager, _ = filled_cache(model, [[5, 9, 2], [7, 1]], 22)
+    shifted.k[:, :, :, 2:], shifted.v[:, :, :, 2:], shifted.valid[:, 2:] = ahead.k, ahead.v, ahead.valid
+    ahead.k, ahead.v, ahead.valid = shifted.k[:, :, :, 2:], shifted.v[:, :, :, 2:], shifted.valid[:, 2:]
+    tokens = torch.tensor([3, 4])
+    for _ in range(4):
+        got, want = decode_next(model, ahead, tokens, compile=True), decode_next(model, eager, tokens)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        tokens = want.argmax(-1)
+    torch.testing.assert_close(shifted.k[:, :, :, 2 : 2 + eager.pos], eager.k[:, :, :, : eager.pos], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
 def test_the_ahead_of_time_step_sees_updated_and_replaced_weights(model):
     """The parameters are inputs of the library, read at every call: an in-place update (an optimiser step) and a
     replaced parameter (``module.weight = Parameter(...)``) both change the next step's logits as they change the
@@ -102,7 +123,7 @@ def test_a_cache_of_another_dtype_is_an_error_not_a_misread(model):
     cache = KVCache(model.cfg, 1, 8, dtype=torch.float32)
     cache.pos = 3
     with pytest.raises(RuntimeError, match="dtype"):
-        step(torch.tensor([1]), cache, torch.tensor(3), torch.tensor(3))
+        step(torch.tensor([1]), cache, torch.tensor(3))
 
 
 def test_where_it_does_not_apply_torch_compile_serves(model, monkeypatch):

@@ -12,9 +12,10 @@ What the library is given, so that one build serves every batch, cache and weigh
 - the parameters and buffers as inputs (never baked in as constants): a GRPO update or a ``load_state_dict`` is
   seen at the next step, as with torch.compile;
 - the KV cache's whole buffers (L, R, H_kv, S, D) and (R, S) with their row count R and slot count S dynamic, plus
-  the tokens (B,) and a 1-D ``window`` tensor whose length is the number of filled slots: the step reads the first
-  B rows and window slots of the buffers. Exported inputs have fixed strides, so the step cannot take a cache
-  window's view (its strides depend on the buffer) — but a prefix of a contiguous buffer it can slice itself;
+  the tokens (B,) and a 1-D ``window`` tensor whose length n is the number of filled slots: the step reads the
+  first B rows and n slots of the buffers and writes the new keys and values into slot n itself (two eager copies
+  a token fewer). Exported inputs have fixed strides, so the step cannot take a cache window's view (its strides
+  depend on the buffer) — but a prefix of a contiguous buffer it can slice itself;
 - inductor's input checks are on (``AOTI_RUNTIME_CHECK_INPUTS``): a tensor of another dtype or layout is an error,
   not a misread.
 
@@ -64,18 +65,22 @@ class _Window(torch.nn.Module):
         object.__setattr__(self, "step", _Step(model))  # not a submodule: its weights are inputs, not state
         self.names = [f"model.{name}" for name in names]
 
-    def forward(self, tensors, tokens, k, v, valid, window, slot, position):
+    def forward(self, tensors, tokens, k, v, valid, window, position):
         b, n = tokens.shape[0], window.shape[0]
         torch._check(b <= k.shape[1])
-        torch._check(n <= k.shape[3])
+        torch._check(n < k.shape[3])
         state = dict(zip(self.names, tensors, strict=True))
+        slot = torch.ones((), dtype=torch.long, device=tokens.device) * window.shape[0]  # after the filled slots
         args = (tokens, k[:, :b, :, :n], v[:, :b, :, :n], valid[:b, :n], slot, position)
-        return torch.func.functional_call(self.step, state, args, strict=True, tie_weights=False)
+        logits, new_k, new_v = torch.func.functional_call(self.step, state, args, strict=True, tie_weights=False)
+        k[:, :b, :, n : n + 1] = new_k  # written here, into the buffers: two eager copies a token fewer
+        v[:, :b, :, n : n + 1] = new_v
+        return logits
 
 
 class AheadOfTimeDecodeStep:
-    """``model.decode_step`` as an AOTInductor library; call it with (tokens (B,), cache, slot, position) for the
-    next logits (B, V) and the new keys and values (L, B, H_kv, 1, D), as the torch.compile'd step returns them."""
+    """``model.decode_step`` as an AOTInductor library; call it with (tokens (B,), cache, position) for the next
+    logits (B, V), the new keys and values written into the cache's next slot."""
 
     def __init__(self, model: torch.nn.Module):
         self.owners = [_owner(model, name, "parameter") for name, _ in model.named_parameters()]
@@ -85,14 +90,16 @@ class AheadOfTimeDecodeStep:
         self.dtype, self.device = tensors[0].dtype, tensors[0].device
         os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")  # read once, when the first library is called
         example = KVCache(model.cfg, 5, 37, self.device, self.dtype)  # sizes no other dimension shares
-        window, slot = torch.empty(11, device=self.device), torch.tensor(11, device=self.device)
+        window, position = torch.empty(11, device=self.device), torch.tensor(11, device=self.device)
         tokens = torch.zeros(3, dtype=torch.long, device=self.device)
-        inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, slot, slot)
+        inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, position)
         dim = torch.export.Dim
-        rows, slots = dim("rows", min=1, max=1 << 16), dim("slots", min=2, max=1 << 20)
-        batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=1 << 20)
+        # the new slot is after the filled ones, inside the buffer: filled < slots (export's lower bounds are 2 and 3,
+        # from its rule that sizes 0 and 1 are special; one filled slot of two runs too, as the tests check)
+        rows, slots = dim("rows", min=1, max=1 << 16), dim("slots", min=3, max=1 << 20)
+        batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=(1 << 20) - 1)
         cache, valid = {1: rows, 3: slots}, {0: rows, 1: slots}
-        shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None, None)
+        shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None)
         with torch.no_grad():
             program = torch.export.export(_Window(model, names), inputs, dynamic_shapes=shapes, strict=False)
         described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(self.device)]
@@ -116,10 +123,16 @@ class AheadOfTimeDecodeStep:
         is not; torch.compile's step, which reads the model afresh, would see that too)."""
         return [owner[name] for owner, name in self.owners]
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor, position: torch.Tensor):
-        k, v, valid = _buffers(cache)
-        window = _window(cache.pos, tokens.device)
-        return self.loader.run([*self.tensors(), tokens.contiguous(), k, v, valid, window, slot, position])
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row after the cache's filled slots -> the next logits (B, V); the new keys and values are
+        written into the cache's next slot (``cache.pos`` is the caller's to advance)."""
+        k, v, valid, copied = _buffers(cache)
+        n = cache.pos
+        window = _window(n, tokens.device)
+        logits = self.loader.run([*self.tensors(), tokens.contiguous(), k, v, valid, window, position])
+        if copied:  # the library wrote into copies: the new slot goes back into the cache
+            cache.k[:, :, :, n], cache.v[:, :, :, n] = k[:, :, :, n], v[:, :, :, n]
+        return logits[0]
 
 
 def _owner(model: torch.nn.Module, name: str, kind: str) -> tuple[dict, str]:
@@ -130,18 +143,18 @@ def _owner(model: torch.nn.Module, name: str, kind: str) -> tuple[dict, str]:
     return (module._parameters if kind == "parameter" else module._buffers), attr
 
 
-def _buffers(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _buffers(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """The cache's k, v and valid as contiguous buffers whose first rows (dimension 1 of k and v, 0 of valid) they
-    are: the buffers they view when they are such a prefix (a server's running batch views its first rows), else
-    themselves when contiguous, else contiguous copies (correct, slower). All three the same way, so that they agree
-    on the row and slot counts the library reads them with."""
+    are: themselves when contiguous, else the buffers they view when they are such a prefix (a server's running batch
+    views its first rows), else contiguous copies (correct, slower; the last item says so). All three the same way,
+    so that they agree on the row and slot counts the library reads them with."""
     tensors = (cache.k, cache.v, cache.valid)
+    if all(t.is_contiguous() for t in tensors):
+        return (*tensors, False)
     bases = [_prefix_base(t, 1 if t.dim() == 5 else 0) for t in tensors]
     if all(b is not None for b in bases) and bases[0].shape[1] == bases[1].shape[1] == bases[2].shape[0]:
-        return tuple(bases)
-    if all(t.is_contiguous() for t in tensors):
-        return tensors
-    return tuple(t.contiguous() for t in tensors)
+        return (*bases, False)
+    return (*(t.contiguous() for t in tensors), True)
 
 
 def _prefix_base(t: torch.Tensor, row_dim: int) -> torch.Tensor | None:

@@ -172,19 +172,20 @@ def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, co
     c = cache
     if c.pos >= c.max_len:
         raise ValueError(f"KV cache is full: {c.pos + 1} positions needed, max_len={c.max_len}")
-    slot, position = torch.tensor(c.pos, device=c.k.device), torch.tensor(c.pos + c.offset, device=c.k.device)
+    position = torch.tensor(c.pos + c.offset, device=c.k.device)
     ahead = ahead_of_time_step(model) if AHEAD_OF_TIME else None
     if ahead is not None:
-        logits, k, v = ahead(tokens, c, slot, position)
+        logits = ahead(tokens, c, position)  # writes the new keys and values itself
     else:
         window = (c.k[:, :, :, : c.pos], c.v[:, :, :, : c.pos], c.valid[:, : c.pos])  # the filled slots only
         for t in window:
             torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t.dim() > 2 else 1)
         tokens = tokens.contiguous()
         torch._dynamo.maybe_mark_dynamic(tokens, 0)
+        slot = torch.tensor(c.pos, device=c.k.device)
         logits, k, v = compiled_decode_step(model)(tokens, *window, slot, position)
-    c.k[:, :, :, c.pos : c.pos + 1] = k
-    c.v[:, :, :, c.pos : c.pos + 1] = v
+        c.k[:, :, :, c.pos : c.pos + 1] = k
+        c.v[:, :, :, c.pos : c.pos + 1] = v
     c.pos += 1
     return logits
 
