@@ -100,7 +100,8 @@ class AheadOfTimeDecodeStep:
         batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=(1 << 20) - 1)
         cache, valid = {1: rows, 3: slots}, {0: rows, 1: slots}
         shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's notices about its own internals, not the user's
             program = torch.export.export(_Window(model, names), inputs, dynamic_shapes=shapes, strict=False)
         described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(self.device)]
         key = hashlib.sha256(
@@ -115,8 +116,10 @@ class AheadOfTimeDecodeStep:
                 ]
             ).encode()
         ).hexdigest()[:32]
-        self.path = _build(program, key)
-        self.loader = torch._inductor.aoti_load_package(str(self.path)).loader
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.path = _build(program, key)
+            self.loader = torch._inductor.aoti_load_package(str(self.path)).loader
 
     def tensors(self) -> list[torch.Tensor]:
         """The model's parameters and buffers now: a parameter replaced in its module is seen (a replaced module
@@ -129,7 +132,7 @@ class AheadOfTimeDecodeStep:
         k, v, valid, copied = _buffers(cache)
         n = cache.pos
         window = _window(n, tokens.device)
-        logits = self.loader.run([*self.tensors(), tokens.contiguous(), k, v, valid, window, position])
+        logits = self.loader.run([*self.tensors(), tokens.long().contiguous(), k, v, valid, window, position])
         if copied:  # the library wrote into copies: the new slot goes back into the cache
             cache.k[:, :, :, n], cache.v[:, :, :, n] = k[:, :, :, n], v[:, :, :, n]
         return logits[0]
