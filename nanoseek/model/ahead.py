@@ -83,15 +83,14 @@ class AheadOfTimeDecodeStep:
     logits (B, V), the new keys and values written into the cache's next slot."""
 
     def __init__(self, model: torch.nn.Module):
-        self.owners = [_owner(model, name, "parameter") for name, _ in model.named_parameters()]
-        self.owners += [_owner(model, name, "buffer") for name, _ in model.named_buffers()]
         names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+        self.owners = [_owner(model, name) for name in names]
         tensors = self.tensors()
-        self.dtype, self.device = tensors[0].dtype, tensors[0].device
+        self.dtype, device = tensors[0].dtype, tensors[0].device
         os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")  # read once, when the first library is called
-        example = KVCache(model.cfg, 5, 37, self.device, self.dtype)  # sizes no other dimension shares
-        window, position = torch.empty(11, device=self.device), torch.tensor(11, device=self.device)
-        tokens = torch.zeros(3, dtype=torch.long, device=self.device)
+        example = KVCache(model.cfg, 5, 37, device, self.dtype)  # sizes no other dimension shares
+        window, position = torch.empty(11, device=device), torch.tensor(11, device=device)
+        tokens = torch.zeros(3, dtype=torch.long, device=device)
         inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, position)
         dim = torch.export.Dim
         # the new slot is after the filled ones, inside the buffer: filled < slots (export's lower bounds are 2 and 3,
@@ -103,7 +102,7 @@ class AheadOfTimeDecodeStep:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch's notices about its own internals, not the user's
             program = torch.export.export(_Window(model, names), inputs, dynamic_shapes=shapes, strict=False)
-        described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(self.device)]
+        described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(device)]
         key = hashlib.sha256(
             "\n".join(
                 [
@@ -138,12 +137,12 @@ class AheadOfTimeDecodeStep:
         return logits[0]
 
 
-def _owner(model: torch.nn.Module, name: str, kind: str) -> tuple[dict, str]:
+def _owner(model: torch.nn.Module, name: str) -> tuple[dict, str]:
     """The dict that holds a parameter or buffer by name, and its key there: reading it at each call sees a
     replaced tensor at the cost of one lookup."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    return (module._parameters if kind == "parameter" else module._buffers), attr
+    return (module._parameters if attr in module._parameters else module._buffers), attr
 
 
 def _buffers(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:

@@ -99,9 +99,6 @@ def autocast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# the compiled decode step calls its kernels from inductor's generated C++ instead of Python, which spent ≈ 0.2 ms of a
-# ≈ 1.2 ms batch-1 step making tensor views and checking sizes between them (docs/LOG.md)
-CPP_WRAPPER = True
 # on CPU, outside autocast, a compiled decode runs the step compiled ahead of time (nanoseek/model/ahead.py: the same
 # generated C++ called without torch.compile's per-call Python, ≈ 0.6 of the step's time); torch.compile's otherwise
 AHEAD_OF_TIME = True
@@ -109,8 +106,10 @@ AHEAD_OF_TIME = True
 
 def compiled_decode_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """``model.decode_step`` under torch.compile, compiled on first use and kept for the model's lifetime. A new
-    batch size compiles once more (then the batch dimension is symbolic); positions never do."""
-    return _compiled(model, "decode_step", cpp_wrapper=CPP_WRAPPER)
+    batch size compiles once more (then the batch dimension is symbolic); positions never do. Its kernels are called
+    from inductor's generated C++ instead of Python, which spent ≈ 0.2 ms of a ≈ 1.2 ms batch-1 step making tensor
+    views and checking sizes between them (docs/LOG.md)."""
+    return _compiled(model, "decode_step", cpp_wrapper=True)
 
 
 def compiled_prefill_step(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
