@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
+import nanoseek.model.ahead as ahead_module
 import nanoseek.model.generate as generate_module
 from nanoseek import ModelConfig, Transformer
 from nanoseek.model.ahead import AheadOfTimeDecodeStep, ahead_of_time_step
 from nanoseek.model.attention import KVCache
-from nanoseek.model.generate import decode_next, generate, prefill
+from nanoseek.model.generate import autocast_copy, decode_next, generate, prefill
 
 # the shape tests/test_generate.py decodes compiled too, so one build serves both files
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True, seq_len=48)
@@ -106,13 +107,23 @@ def test_the_ahead_of_time_step_sees_updated_and_replaced_weights(model):
         )
 
 
-def test_the_library_is_built_once_and_written_whole(model):
+def test_the_library_is_built_once_and_written_whole(model, monkeypatch):
     """A second step of the same model (another process would do the same) finds the built library by its key and
-    loads it; no half-written file is left in the folder."""
+    loads it without exporting the step again; a model of another shape has another key; no half-written file is
+    left in the folder."""
     first = ahead_of_time_step(model)
     built = os.path.getmtime(first.path)
-    again = AheadOfTimeDecodeStep(model)
-    assert again.path == first.path and os.path.getmtime(again.path) == built
+
+    def no_export(*args):
+        raise AssertionError("exported again although the library for this key was built")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ahead_module, "_export", no_export)
+        again = AheadOfTimeDecodeStep(model)
+        assert again.path == first.path and os.path.getmtime(again.path) == built
+        wider = Transformer(ModelConfig(**{**CFG.__dict__, "ffn_hidden": 96})).double().eval()
+        with pytest.raises(AssertionError, match="exported again"):
+            AheadOfTimeDecodeStep(wider)  # not in the folder: it would have to be exported and built
     assert not [f for f in os.listdir(first.path.parent) if f.startswith(".building-")]
 
 
@@ -126,11 +137,33 @@ def test_a_cache_of_another_dtype_is_an_error_not_a_misread(model):
         step(torch.tensor([1]), cache, torch.tensor(3))
 
 
-def test_where_it_does_not_apply_torch_compile_serves(model, monkeypatch):
-    """Under autocast, for MoE models (not exportable whole, with either dispatch) and once the model's dtype
-    changed, there is no ahead-of-time step; with ``generate.AHEAD_OF_TIME`` off, decode_next does not ask for one."""
+@torch.no_grad()
+def test_under_autocast_the_step_is_exported_inside_it():
+    """A GRPO run samples with a bf16 copy of its float32 policy under bf16 autocast: the copy's step gets a library
+    of its own, exported inside the autocast — bf16 logits, as eager decoding's under the same autocast, equal to
+    them within two of bf16's steps at their size (eager and generated kernels round their products differently)."""
+    torch.manual_seed(1)
+    sampler = autocast_copy(Transformer(CFG).eval(), torch.bfloat16)
+    seq = torch.tensor([[0, 0, 0, 0, 5, 9, 2], [7, 1, 1, 3, 8, 6, 2]])
+    ahead, eager = KVCache(CFG, 2, 16), KVCache(CFG, 2, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ahead_of_time_step(model) is None
+        step = ahead_of_time_step(sampler)
+        assert step is not None and step.dtype == torch.float32
+        for cache in (ahead, eager):
+            prefill(sampler, cache, seq, seq != 0)
+        tokens = torch.tensor([2, 2])
+        for _ in range(6):
+            got, want = decode_next(sampler, ahead, tokens, compile=True), decode_next(sampler, eager, tokens)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, rtol=0, atol=2 * 2**-8 * want.abs().max().item())
+            tokens = want.argmax(-1)
+    assert ahead.pos == eager.pos
+    torch.testing.assert_close(ahead.k[:, :, :, : ahead.pos], eager.k[:, :, :, : eager.pos], rtol=0.02, atol=0.02)
+
+
+def test_where_it_does_not_apply_torch_compile_serves(model, monkeypatch):
+    """For MoE models (not exportable whole, with either dispatch) and once the model's dtype changed, there is no
+    ahead-of-time step; with ``generate.AHEAD_OF_TIME`` off, decode_next does not ask for one."""
     for dispatch in ("grouped", "loop"):
         extra = dict(ffn="moe", n_routed_experts=4, top_k=2, moe_dispatch=dispatch)
         moe = Transformer(ModelConfig(**{**CFG.__dict__, **extra}))

@@ -19,28 +19,37 @@ What the library is given, so that one build serves every batch, cache and weigh
 - inductor's input checks are on (``AOTI_RUNTIME_CHECK_INPUTS``): a tensor of another dtype or layout is an error,
   not a misread.
 
-The built library is kept in inductor's cache folder under a key hashed from the exported graph's code, its inputs'
-dtypes and shapes, torch's version and the CPU's vector instructions: a later process exports again (seconds) and
-loads the library (milliseconds) instead of building it (tens of seconds). CPU only, no autocast (a step under
-autocast uses torch.compile), and not for models whose step cannot be exported whole (``Transformer.exportable``:
-not MoE models, whose experts get data-dependent numbers of rows).
+The built library is kept in inductor's cache folder under a key hashed from what the exported graph is a
+function of: nanoseek's source files (and the model class's, if it is defined elsewhere), the model's configuration,
+class and train / eval mode, its parameters' and buffers' names, dtypes and shapes, the autocast dtype, torch's and
+Python's versions and the CPU's vector instructions. A later process loads the library (milliseconds) without
+exporting the step again (seconds) or building it (tens of seconds). A model whose code is changed at run time
+(a method or a module global patched in the process) is not seen by that key: turn the path off for it
+(``generate.AHEAD_OF_TIME = False``). CPU only; under CPU autocast the step is exported inside the same autocast (a
+GRPO run's sampling, whose matmuls run in bf16), each autocast dtype a library of its own; not for models whose step
+cannot be exported whole (``Transformer.exportable``: not MoE models, whose experts get data-dependent numbers of
+rows).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
 import sys
 import tempfile
 import warnings
 import weakref
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+import nanoseek
 from nanoseek.model.attention import KVCache
 
-FORMAT = 1  # bump when what is exported or how it is called changes
+FORMAT = 2  # bump when what is exported or how it is called changes
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAILED = object()  # a model whose export or build failed once: torch.compile serves it from then on
 
@@ -60,12 +69,17 @@ class _Window(torch.nn.Module):
     """``decode_step`` over the first B rows and ``window`` slots of whole cache buffers, with the model's
     parameters passed in; holds no tensors of its own, so the export lifts none as constants."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str]):
+    def __init__(self, model: torch.nn.Module, names: list[str], autocast: torch.dtype | None):
         super().__init__()
         object.__setattr__(self, "step", _Step(model))  # not a submodule: its weights are inputs, not state
         self.names = [f"model.{name}" for name in names]
+        self.autocast = autocast
 
     def forward(self, tensors, tokens, k, v, valid, window, position):
+        with torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext():
+            return self._forward(tensors, tokens, k, v, valid, window, position)
+
+    def _forward(self, tensors, tokens, k, v, valid, window, position):
         b, n = tokens.shape[0], window.shape[0]
         torch._check(b <= k.shape[1])
         torch._check(n < k.shape[3])
@@ -82,27 +96,15 @@ class AheadOfTimeDecodeStep:
     """``model.decode_step`` as an AOTInductor library; call it with (tokens (B,), cache, position) for the next
     logits (B, V), the new keys and values written into the cache's next slot."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, autocast: torch.dtype | None = None):
+        """The step of ``model`` (under CPU autocast to ``autocast``, if given): its library loaded from the cache
+        folder, or exported and built there first."""
         names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
         self.owners = [_owner(model, name) for name in names]
         tensors = self.tensors()
         self.dtype, device = tensors[0].dtype, tensors[0].device
         os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")  # read once, when the first library is called
-        example = KVCache(model.cfg, 5, 37, device, self.dtype)  # sizes no other dimension shares
-        window, position = torch.empty(11, device=device), torch.tensor(11, device=device)
-        tokens = torch.zeros(3, dtype=torch.long, device=device)
-        inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, position)
-        dim = torch.export.Dim
-        # the new slot is after the filled ones, inside the buffer: filled < slots (export's lower bounds are 2 and 3,
-        # from its rule that sizes 0 and 1 are special; one filled slot of two runs too, as the tests check)
-        rows, slots = dim("rows", min=1, max=1 << 16), dim("slots", min=3, max=1 << 20)
-        batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=(1 << 20) - 1)
-        cache, valid = {1: rows, 3: slots}, {0: rows, 1: slots}
-        shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's notices about its own internals, not the user's
-            program = torch.export.export(_Window(model, names), inputs, dynamic_shapes=shapes, strict=False)
-        described = [(str(t.dtype), tuple(t.shape)) for t in inputs[0]] + [str(self.dtype), str(device)]
+        described = [(name, str(t.dtype), tuple(t.shape)) for name, t in zip(names, tensors, strict=True)]
         key = hashlib.sha256(
             "\n".join(
                 [
@@ -110,15 +112,19 @@ class AheadOfTimeDecodeStep:
                     torch.__version__,
                     sys.version,
                     torch.backends.cpu.get_cpu_capability(),
+                    _source_digest(_class_file(model)),
+                    f"{type(model).__module__}.{type(model).__qualname__}",
+                    repr(getattr(model, "cfg", None)),
+                    f"training={model.training} autocast={autocast} device={device}",
                     repr(described),
-                    program.graph_module.code,
                 ]
             ).encode()
         ).hexdigest()[:32]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.path = _build(program, key)
-            self.loader = torch._inductor.aoti_load_package(str(self.path)).loader
+        self.path = _library(key, lambda: _export(model, names, tensors, autocast))
+        # inductor's own loader, without aoti_load_package's comparison of the package's CPU with this one (for a
+        # warning): it asks inductor which vector instructions this CPU has, which builds and loads a probe library
+        # per instruction set in child processes (≈ 1.8 s a process); the key above already names them
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
 
     def tensors(self) -> list[torch.Tensor]:
         """The model's parameters and buffers now: a parameter replaced in its module is seen (a replaced module
@@ -184,23 +190,69 @@ def _window(n: int, device: torch.device) -> torch.Tensor:
     return buf[:n]
 
 
-def _build(program, key: str) -> Path:
-    """The library for this key: from the cache folder, or built there (written to a temporary name and renamed,
-    so a reader never sees half a file and two processes building it at once both end with a whole one)."""
+def _export(
+    model: torch.nn.Module, names: list[str], tensors: list[torch.Tensor], autocast: torch.dtype | None
+) -> torch.export.ExportedProgram:
+    """``_Window`` over ``model`` exported with every size that varies between calls dynamic."""
+    device = tensors[0].device
+    example = KVCache(model.cfg, 5, 37, device, tensors[0].dtype)  # sizes no other dimension shares
+    window, position = torch.empty(11, device=device), torch.tensor(11, device=device)
+    tokens = torch.zeros(3, dtype=torch.long, device=device)
+    inputs = ([t.detach() for t in tensors], tokens, example.k, example.v, example.valid, window, position)
+    dim = torch.export.Dim
+    # the new slot is after the filled ones, inside the buffer: filled < slots (export's lower bounds are 2 and 3,
+    # from its rule that sizes 0 and 1 are special; one filled slot of two runs too, as the tests check)
+    rows, slots = dim("rows", min=1, max=1 << 16), dim("slots", min=3, max=1 << 20)
+    batch, filled = dim("batch", min=1, max=1 << 16), dim("filled", min=1, max=(1 << 20) - 1)
+    cache, valid = {1: rows, 3: slots}, {0: rows, 1: slots}
+    shapes = ([None] * len(tensors), {0: batch}, cache, cache, valid, {0: filled}, None)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's notices about its own internals, not the user's
+        return torch.export.export(_Window(model, names, autocast), inputs, dynamic_shapes=shapes, strict=False)
+
+
+@functools.cache
+def _source_digest(extra: str | None) -> str:
+    """SHA-256 of every Python file of the nanoseek package (path and bytes), and of ``extra`` (the model class's
+    file when it is not one of them): the code the exported step is traced from."""
+    root = Path(nanoseek.__file__).resolve().parent
+    files = sorted(root.rglob("*.py")) + ([Path(extra)] if extra else [])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root) if f.is_relative_to(root) else f).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def _class_file(model: torch.nn.Module) -> str | None:
+    """The file that defines the model's class, when it is outside the nanoseek package (else None)."""
+    try:
+        path = Path(inspect.getfile(type(model))).resolve()
+    except (TypeError, OSError):
+        return None
+    return None if path.is_relative_to(Path(nanoseek.__file__).resolve().parent) or not path.exists() else str(path)
+
+
+def _library(key: str, export) -> Path:
+    """The library for this key: from the cache folder, or exported (``export()``) and built there (written to a
+    temporary name and renamed, so a reader never sees half a file and two processes building it at once both end
+    with a whole one)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     folder = Path(cache_dir()) / "nanoseek_ahead"
     path = folder / f"decode_step_{key}.pt2"
     if path.exists():
         return path
+    program = export()
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".pt2")  # the package must end in .pt2
     os.close(fd)
     try:
         # dimensions of size 1 (one row, one filled slot) are valid inputs: no lower bound of 2 in the input checks
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=tmp, inductor_configs={"aot_inductor.check_lowerbound": False}
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's notices about its own internals
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=tmp, inductor_configs={"aot_inductor.check_lowerbound": False}
+            )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -210,17 +262,19 @@ def _build(program, key: str) -> Path:
 
 def ahead_of_time_step(model: torch.nn.Module) -> AheadOfTimeDecodeStep | None:
     """The model's ahead-of-time decode step, built on first use and kept for the model's lifetime (one per
-    train / eval mode); None when it does not apply — not on CPU, under autocast, a model that cannot be exported
-    whole — or when its export or build failed (said once, in a warning; torch.compile's step is used instead)."""
+    train / eval mode and CPU autocast dtype); None when it does not apply — not on CPU, a model that cannot be
+    exported whole — or when its export or build failed (said once, in a warning; torch.compile's step is used
+    instead)."""
     param = next(model.parameters())
-    if param.device.type != "cpu" or torch.is_autocast_enabled("cpu") or not getattr(model, "exportable", False):
+    if param.device.type != "cpu" or not getattr(model, "exportable", False):
         return None
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     steps = _STEPS.setdefault(model, {})
-    mode = model.training
+    mode = (model.training, autocast)
     step = steps.get(mode)
     if step is None:
         try:
-            step = AheadOfTimeDecodeStep(model)
+            step = AheadOfTimeDecodeStep(model, autocast)
         except Exception as e:  # noqa: BLE001 - any failure leaves torch.compile's step, which computes the same
             warnings.warn(
                 f"the decode step could not be compiled ahead of time ({type(e).__name__}: {str(e)[:300]}); "

@@ -99,8 +99,8 @@ def autocast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# on CPU, outside autocast, a compiled decode runs the step compiled ahead of time (nanoseek/model/ahead.py: the same
-# generated C++ called without torch.compile's per-call Python, ≈ 0.6 of the step's time); torch.compile's otherwise
+# on CPU a compiled decode runs the step compiled ahead of time (nanoseek/model/ahead.py: the same generated C++ called
+# without torch.compile's per-call Python, ≈ 0.6 of the step's time); torch.compile's for MoE models and elsewhere
 AHEAD_OF_TIME = True
 
 
@@ -164,8 +164,8 @@ def prefill(
 def decode_next(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """One decode step: tokens (B,) follow the cached positions -> the next logits (B, V); ``cache.pos`` advances by
     one. Eager: the model's forward with the cache. ``compile``: the compiled step over the filled slots, which
-    reads the cache and returns the new keys and values, written here — on CPU outside autocast the step compiled
-    ahead of time (``ahead.ahead_of_time_step``), else torch.compile's."""
+    reads the cache and returns the new keys and values, written here — on CPU the step compiled ahead of time
+    (``ahead.ahead_of_time_step``, under the caller's autocast if any), else torch.compile's."""
     if not compile:
         return model(tokens[:, None], cache=cache)[:, -1]
     c = cache
@@ -217,10 +217,11 @@ def generate(
     trained). ``use_cache=False`` recomputes the whole sequence every step: slow, kept as the reference the cached
     path is tested against. With ``share_prompts`` (and the cache), identical prompts — a GRPO group's G copies —
     are prefilled once and their cache rows copied to every row that repeats them; the tokens are the same as
-    without it (tested). ``compile`` decodes with the compiled step (``Transformer.decode_step``; on CPU outside
-    autocast compiled ahead of time, nanoseek/model/ahead.py, else by torch.compile): the first call compiles (tens
-    of seconds; seconds once built), later ones — any prompt length, budget or batch size — reuse it and decode two
-    to three times as fast as eager PyTorch, whose per-operation overhead dominates a small model's step.
+    without it (tested). ``compile`` decodes with the compiled step (``Transformer.decode_step``; on CPU compiled
+    ahead of time, nanoseek/model/ahead.py, else by torch.compile): the first call compiles (tens of seconds; once
+    built, under a second ahead of time and seconds with torch.compile), later ones — any prompt length, budget or
+    batch size — reuse it and decode two to three times as fast as eager PyTorch, whose per-operation overhead
+    dominates a small model's step.
     ``compile_prefill`` (default: ``compile``) says whether the prompts' prefill runs compiled too: a caller that
     prefills a few short prompts once per batch (GRPO) passes False, since that graph takes tens of seconds to
     compile on a cold cache (27 s for GRPO's benchmark model) and would save milliseconds per batch."""
