@@ -129,8 +129,9 @@ def main() -> None:
                         ratio_goal))  # fmt: skip
     warm = statistics.median(r["warm_up_s"] for r in results["compiled"])
     warm_compile = statistics.median(r["warm_up_compile_s"] for r in results["compiled"])
-    print(f"compiled side's first call (export and build, or load the built library): median {warm:.1f} s; "
-          f"torch.compile's first call (compile, or load from its cache): median {warm_compile:.1f} s")  # fmt: skip
+    print(f"compiled side's first call (the prefill's torch.compile, the decode step's library built or loaded): "
+          f"median {warm:.1f} s; torch.compile's decode step's first call (compile, or load from its cache): median "
+          f"{warm_compile:.1f} s")  # fmt: skip
     write_json(args.json, "decode_speed", rows, load_before, 1)
 
 
