@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import busy_cores, cpu_has_bf16, cpu_ticks, load_average, require_at_least, write_atomic
+from common import busy_cores, cpu_bf16_units, cpu_has_bf16, cpu_ticks, load_average, require_at_least, write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -152,6 +152,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "bf16": cpu_has_bf16(),
+        "bf16_units": cpu_bf16_units(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -58,6 +58,8 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
     order = [n for n in (names or sorted(found)) if n in found]
     lines = [HEADER]
     bf16 = "yes" if machine["bf16"] else "no"
+    if machine.get("bf16_units"):  # which units: bf16 figures on AMX and on AVX512-BF16 alone differ several-fold
+        bf16 = f"yes, {machine['bf16_units']}"
     peers = {}
     for res in found.values():
         peers |= res.get("versions", {})

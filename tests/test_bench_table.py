@@ -43,7 +43,10 @@ def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch
                                                     "rows": []}))  # fmt: skip
     write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer", "hand"])
     text = (tmp_path / "B.md").read_text()
-    assert "Test CPU, 2 cores" in text and "torch 2.13.0" in text
+    assert "Test CPU, 2 cores (bf16 instructions: no)" in text and "torch 2.13.0" in text
+    (tmp_path / "machine.json").write_text(json.dumps(machine | {"bf16": True, "bf16_units": "AVX512-BF16 (no AMX)"}))
+    write_table(tmp_path, tmp_path / "B2.md", ["quiet"])
+    assert "Test CPU, 2 cores (bf16 instructions: yes, AVX512-BF16 (no AMX))" in (tmp_path / "B2.md").read_text()
     assert "| quiet | speed ratio | 1.05 × | <= 1.1 | met |" in text
     assert "| busy | speed ratio | 1.05 × (load too high) | <= 1.1 | (load too high) |" in text
     assert "| peer | skipped: trl not installed |" in text
