@@ -91,12 +91,20 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_bf16_units())
 
 
-def cpu_bf16_units() -> str:
-    """Which bf16 matmul instructions the CPU has: "AMX and AVX512-BF16", "AVX512-BF16 (no AMX)" or "" (none, or no
-    /proc/cpuinfo). It matters for every bf16 figure: a 2048³ bf16 matmul ran at 942 GFLOP/s with AMX on a 2-core
-    Xeon VM on 2026-12-03, and at 139 GFLOP/s (float32: 239) on one with AVX512-BF16 alone the same evening."""
-    info = Path("/proc/cpuinfo")
-    flags = set(info.read_text().split()) if info.exists() else set()
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX's bf16 tiles, where a bf16 matmul is several times float32's (see cpu_bf16_units)."""
+    return cpu_bf16_units().startswith("AMX")
+
+
+def cpu_bf16_units(cpuinfo: str | None = None) -> str:
+    """Which bf16 matmul instructions the CPU has: "AMX and AVX512-BF16", "AMX", "AVX512-BF16 (no AMX)" or "" (none,
+    or no /proc/cpuinfo); ``cpuinfo``: that file's text (default: read it). It matters for every bf16 figure: a 2048³
+    bf16 matmul ran at 942 GFLOP/s with AMX on a 2-core Xeon VM on 2026-12-03, and at 139 GFLOP/s (float32: 239) on
+    one with AVX512-BF16 alone the same evening."""
+    if cpuinfo is None:
+        info = Path("/proc/cpuinfo")
+        cpuinfo = info.read_text() if info.exists() else ""
+    flags = set(cpuinfo.split())
     if "amx_bf16" in flags:
         return "AMX and AVX512-BF16" if "avx512_bf16" in flags else "AMX"
     return "AVX512-BF16 (no AMX)" if "avx512_bf16" in flags else ""

@@ -3,17 +3,18 @@
 Setup (DESIGN.md §5 peer numbers): a Llama-shaped model — width 256, FFN 688, 4 layers, 4 heads, tied embeddings, a
 49-token character vocabulary (≈ 3.2M parameters) — 4 prompts × 8 completions per step, at most 32 new tokens, loss
 "dapo", β = 0 (no reference model), one update per batch, temperature 1, constant learning rate, AdamW (β2 0.95, no
-weight decay, gradient clipping at 1), on CPU in bf16 where the CPU has bf16 instructions (both trainers; fp32
-elsewhere). Prompts are 2-digit additions and subtractions in the compact R1-Zero template; rewards are accuracy + 0.1 ×
-format. Both stop a completion at the end-of-text token only.
+weight decay, gradient clipping at 1), on CPU in bf16 where the CPU has AMX (both trainers; fp32 elsewhere: with
+AVX512-BF16 alone a bf16 matmul ran at 0.6× float32's speed and nanoseek's GRPO step was slower in bf16, docs/LOG.md).
+Prompts are 2-digit additions and subtractions in the compact R1-Zero template; rewards are accuracy + 0.1 × format.
+Both stop a completion at the end-of-text token only.
 
 Both trainers start from the *same weights*: a cold start (supervised steps on prompt + answer block + end-of-text,
 through nanoseek's engine, seed 0) so that rewards differ within groups from the first step — a random model scores 0
 everywhere and neither trainer would learn. The weights go to TRL as a ``LlamaForCausalLM`` through
 ``nanoseek.interop.hf_weights.to_hf`` (the largest logit difference is printed). TRL reads its model from a local folder
 and the hub is switched off (HF_HUB_OFFLINE=1), so nothing is downloaded. TRL's own best matching options: the same
-batch, generations, loss and optimiser settings; bf16 where the CPU has bf16 instructions, as nanoseek (this script says
-whether it used it). The problem streams differ (TRL shuffles its dataset with its seed; nanoseek draws from the task's
+batch, generations, loss and optimiser settings; bf16 where the CPU has AMX, as nanoseek (this script says whether it
+used it). The problem streams differ (TRL shuffles its dataset with its seed; nanoseek draws from the task's
 generator) but come from the same distribution.
 
 Each trainer runs --seeds times (seeds 0.., problem order and sampling; default 3), the two taking turns: a single run's
@@ -54,7 +55,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import torch
 from common import (
     add_json_argument,
-    cpu_has_bf16,
+    cpu_bf16_units,
+    cpu_has_amx,
     load_average,
     package_versions,
     require_at_least,
@@ -77,7 +79,7 @@ CHARS = "0123456789+-*/=()<>\n abcdefghijklmnopqrstuvwxyz"  # 47 characters, the
 PAD, EOS = len(CHARS), len(CHARS) + 1
 WIDTH, FFN, LAYERS, HEADS, SEQ = 256, 688, 4, 4, 128
 PROMPTS, GROUP, NEW_TOKENS, DIGITS = 4, 8, 32, 1
-BF16 = cpu_has_bf16()
+BF16 = cpu_has_amx()  # bf16 where it is the faster choice for both trainers (docs/LOG.md, 2026-12-03)
 
 
 class CharTokenizer:
@@ -309,7 +311,7 @@ def main() -> None:
     parser.add_argument("--no-share-prompt", action="store_true", help="prefill every completion's prompt")
     parser.add_argument("--no-skip", action="store_true", help="train on zero-advantage completions too")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="nanoseek under bf16 "
-                        "autocast (train.dtype); default: as TRL, on where the CPU has bf16 instructions")  # fmt: skip
+                        "autocast (train.dtype); default: as TRL, on where the CPU has AMX")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="nanoseek without train.compile "
                         "(by default the update's forward and the decode step are compiled; the compile time is in "
                         "the first steps' times and so in the time to reward)")  # fmt: skip
@@ -333,7 +335,7 @@ def main() -> None:
                      f"most --steps={a.steps}")  # fmt: skip
     load = load_average()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load:.2f}, "
-          f"bf16 instructions: {'yes' if BF16 else 'no'}")  # fmt: skip
+          f"bf16 units: {cpu_bf16_units() or 'none'}, so {'bf16' if BF16 else 'float32'}")  # fmt: skip
     t0 = time.perf_counter()
     state = cold_start(a.cold_start)
     print(f"cold start: {a.cold_start} supervised steps in {time.perf_counter() - t0:.0f} s")

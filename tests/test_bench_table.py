@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import row, write_json  # noqa: E402
+from common import cpu_bf16_units, row, write_json  # noqa: E402
 from table import write_table  # noqa: E402
 
 
@@ -23,6 +23,13 @@ def test_goal_rows_compare_the_value_with_the_bound():
     assert row("x", 0.1, goal="<= 0.2", met=False)["met"] is True  # a measured value is always compared
     with pytest.raises(ValueError, match="expected one of"):
         row("x", 1.0, goal="~ 1")
+
+
+def test_the_bf16_units_are_read_from_the_cpu_flags():
+    """AMX and AVX512-BF16 alone are told apart (their bf16 speeds differ several-fold), by whole flag names."""
+    assert cpu_bf16_units("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8") == "AMX and AVX512-BF16"
+    assert cpu_bf16_units("flags\t: fpu avx512f avx512_bf16 avx512_vnni") == "AVX512-BF16 (no AMX)"
+    assert cpu_bf16_units("flags\t: fpu avx2 avx512_bf16x") == "" and cpu_bf16_units("") == ""
 
 
 def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch):
