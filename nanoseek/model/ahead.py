@@ -52,6 +52,7 @@ from nanoseek.model.attention import KVCache
 FORMAT = 2  # bump when what is exported or how it is called changes
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAILED = object()  # a model whose export or build failed once: torch.compile serves it from then on
+_PACKAGE = Path(nanoseek.__file__).resolve().parent  # the source the libraries' keys are hashed from
 
 
 class _Step(torch.nn.Module):
@@ -76,17 +77,14 @@ class _Window(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, tensors, tokens, k, v, valid, window, position):
-        with torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext():
-            return self._forward(tensors, tokens, k, v, valid, window, position)
-
-    def _forward(self, tensors, tokens, k, v, valid, window, position):
         b, n = tokens.shape[0], window.shape[0]
         torch._check(b <= k.shape[1])
         torch._check(n < k.shape[3])
         state = dict(zip(self.names, tensors, strict=True))
         slot = torch.ones((), dtype=torch.long, device=tokens.device) * window.shape[0]  # after the filled slots
         args = (tokens, k[:, :b, :, :n], v[:, :b, :, :n], valid[:b, :n], slot, position)
-        logits, new_k, new_v = torch.func.functional_call(self.step, state, args, strict=True, tie_weights=False)
+        with torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else nullcontext():
+            logits, new_k, new_v = torch.func.functional_call(self.step, state, args, strict=True, tie_weights=False)
         k[:, :b, :, n : n + 1] = new_k  # written here, into the buffers: two eager copies a token fewer
         v[:, :b, :, n : n + 1] = new_v
         return logits
@@ -215,11 +213,11 @@ def _export(
 def _source_digest(extra: str | None) -> str:
     """SHA-256 of every Python file of the nanoseek package (path and bytes), and of ``extra`` (the model class's
     file when it is not one of them): the code the exported step is traced from."""
-    root = Path(nanoseek.__file__).resolve().parent
-    files = sorted(root.rglob("*.py")) + ([Path(extra)] if extra else [])
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(root) if f.is_relative_to(root) else f).encode() + b"\0" + f.read_bytes())
+    for f in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
+    if extra:
+        digest.update(extra.encode() + b"\0" + Path(extra).read_bytes())
     return digest.hexdigest()
 
 
@@ -229,7 +227,7 @@ def _class_file(model: torch.nn.Module) -> str | None:
         path = Path(inspect.getfile(type(model))).resolve()
     except (TypeError, OSError):
         return None
-    return None if path.is_relative_to(Path(nanoseek.__file__).resolve().parent) or not path.exists() else str(path)
+    return None if path.is_relative_to(_PACKAGE) or not path.exists() else str(path)
 
 
 def _library(key: str, export) -> Path:
