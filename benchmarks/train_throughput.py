@@ -6,8 +6,10 @@
 For each (residual, mode, dtype): the median seconds of a full optimizer step (forward, backward, AdamW) on random
 tokens, tokens/s, and MFU = tokens/s × analytic training FLOPs per token / peak, where the peak is the best
 FLOP/s of a large square matmul in the same dtype on this machine, measured first. Compile time is excluded (warm-up
-steps) and printed separately. bf16 is measured only where the CPU has bf16 instructions (``--dtypes fp32,bf16``
-forces it): elsewhere torch emulates it, slower than fp32, and the figure says nothing about bf16 training.
+steps) and printed separately. bf16 is measured only where the CPU has AMX (``--dtypes fp32,bf16`` forces it):
+without bf16 instructions torch emulates it, and with AVX512-BF16 alone a 2048³ bf16 matmul ran at 139 GFLOP/s
+against float32's 239 (docs/LOG.md, 2026-12-03) — either way slower than fp32, and the figure would say nothing
+about bf16 training.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import statistics
 import time
 
 import torch
-from common import add_json_argument, cpu_has_bf16, load_average, row, write_json
+from common import add_json_argument, cpu_has_amx, load_average, row, write_json
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.train.config import TrainConfig
@@ -78,7 +80,8 @@ def main() -> None:
     p.add_argument("--residuals", default="plain,mhc")
     p.add_argument("--modes", default="eager,compiled")
     p.add_argument("--dtypes", default="auto", help="comma-separated fp32, bf16; auto (default): fp32, and bf16 "
-                   "too when the CPU has bf16 instructions (emulated bf16 only measures the emulation)")  # fmt: skip
+                   "too when the CPU has AMX (emulated bf16, or AVX512-BF16 alone, is slower than fp32 here: the "
+                   "figure would describe that, not bf16 training)")  # fmt: skip
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one configuration each: checks that it runs")
     add_json_argument(p)
@@ -88,7 +91,7 @@ def main() -> None:
         args.d_model, args.layers, args.heads, args.seq_len, args.batch, args.steps = 64, 2, 2, 64, 2, 2
         args.modes, args.matmul_size = "eager", 256
     torch.manual_seed(0)
-    dtypes = (["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]) if args.dtypes == "auto" else args.dtypes.split(",")
+    dtypes = (["fp32", "bf16"] if cpu_has_amx() else ["fp32"]) if args.dtypes == "auto" else args.dtypes.split(",")
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: {d!r} is not one of {', '.join(DTYPES)} (or auto)")

@@ -106,3 +106,25 @@ def test_a_failed_benchmark_keeps_its_goals_in_the_table_as_not_measured(tmp_pat
     assert "| flaky | speed ratio | not measured (the run failed) | <= 1.1 | — |" in text
     assert "| flaky | info |" not in text  # a figure without a goal is not kept
     assert "failed (exit 1): flaky: it broke" in text
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_residual_overhead_times_bf16_by_default_only_with_amx_and_keeps_its_goal(monkeypatch, amx):
+    """Without AMX the bf16 run is left out by default (a bf16 matmul is slower than float32's there) and its goal
+    stays in the table as "not measured", with the reason; asked for by name it runs on any CPU."""
+    import residual_overhead
+
+    monkeypatch.setattr(residual_overhead, "cpu_has_amx", lambda: amx)
+    runs = residual_overhead.parse_args([]).runs
+    assert runs == (["eager", "compile", "compile-bf16"] if amx else ["eager", "compile"])
+    assert residual_overhead.parse_args(["--runs", "eager,compile-bf16"]).runs == ["eager", "compile-bf16"]
+    plain, mhc = {"median": 1.0, "saved": 10.0}, {"median": 1.3, "saved": 11.0}
+    rows = residual_overhead.goal_rows({"eager": {"plain": plain, "mhc": mhc}, "compile": {"plain": plain, "mhc": mhc}})
+    bf16 = [r for r in rows if "bf16" in r["metric"]]
+    if amx:  # asked for and not run: nothing to say about this CPU
+        assert bf16 == []
+    else:
+        assert [(r["goal"], r["met"]) for r in bf16] == [("<= 1.15", None)]
+        assert "no AMX" in bf16[0]["value"]
+    compiled = next(r for r in rows if r["metric"] == "mhc: compiled fp32 time / plain")
+    assert compiled["value"] == pytest.approx(1.3) and compiled["met"] is False
