@@ -61,17 +61,35 @@ def setting_line(threads: int, load: float) -> str:
 
 
 def row(
-    metric: str, value: float | int | str | None, unit: str = "", goal: str | None = None, met: bool | None = None
+    metric: str,
+    value: float | int | str | None,
+    unit: str = "",
+    goal: str | None = None,
+    met: bool | None = None,
+    spread: tuple[float, float] | None = None,
 ) -> dict:
     """One figure. ``goal`` is "<op> <number>" (e.g. "<= 1.10"), compared against ``value``; None means no goal. A
     value that is not a number (a goal that could not be measured) takes ``met`` as given: False when the run
-    itself showed the goal was missed (say, a target never reached), None when nothing can be said."""
+    itself showed the goal was missed (say, a target never reached), None when nothing can be said. ``spread``:
+    (lowest, highest) of the same figure over the run's repeats, when ``value`` is their median — the table shows
+    it, and says when the goal was met in some repeats and missed in others."""
     if goal is not None and isinstance(value, (int, float)):
-        op, bound = goal.split()
-        if op not in COMPARE:
-            raise ValueError(f"goal {goal!r}: expected one of {', '.join(COMPARE)} then a number")
-        met = bool(COMPARE[op](value, float(bound)))
-    return {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
+        met = meets(goal, value)
+    out = {"metric": metric, "value": value, "unit": unit, "goal": goal, "met": met}
+    if spread is not None:
+        low, high = spread
+        if not low <= high:
+            raise ValueError(f"spread {spread!r}: expected (lowest, highest)")
+        out["spread"] = [low, high]
+    return out
+
+
+def meets(goal: str, value: float) -> bool:
+    """Whether ``value`` meets ``goal`` ("<op> <number>")."""
+    op, bound = goal.split()
+    if op not in COMPARE:
+        raise ValueError(f"goal {goal!r}: expected one of {', '.join(COMPARE)} then a number")
+    return bool(COMPARE[op](value, float(bound)))
 
 
 def package_versions(*names: str) -> dict[str, str]:

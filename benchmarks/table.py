@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import write_atomic
+from common import meets, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,8 @@ competed for the cores (after waiting and rerunning): its figure is noise, not a
 benchmark run by hand (not through `bench.py`, so without the load check) is marked **unchecked** and never counted
 as met. "Commit" and "date" say which code measured each benchmark and when ("+changes": with uncommitted changes
 to nanoseek or the benchmarks): `bench.py --only` reruns some benchmarks and keeps the others' last results.
+Where a figure is the median of paired repeats, "repeats a–b" is its range over them, and a verdict says when the goal
+was met in some repeats and missed in others.
 """
 
 UNCHECKED = "unchecked: not run by bench.py"
@@ -48,7 +50,12 @@ def verdict(r: dict, status: str) -> str:
         return "(load too high)"
     if status != "ok":
         return "(unchecked)"
-    return "met" if r["met"] else "**not met**"
+    text = "met" if r["met"] else "**not met**"
+    if r.get("spread") and r.get("goal"):  # the goal's bound inside the repeats' range: the verdict is the median's
+        low, high = (meets(r["goal"], v) for v in r["spread"])
+        if low != high:
+            text += " (not in every repeat)" if r["met"] else " (met in some repeats)"
+    return text
 
 
 def write_table(results: Path, out: Path, names: list[str] | None = None) -> None:
@@ -77,6 +84,8 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
         rows = res["rows"] or [{"metric": status, "value": "", "unit": "", "goal": None, "met": None}]
         for r in rows:
             value = f"{fmt(r['value'])} {r['unit']}".strip()
+            if r.get("spread"):
+                value += f" (repeats {fmt(r['spread'][0])}–{fmt(r['spread'][1])})"
             if status in ("load too high", UNCHECKED):
                 value += f" ({status.split(':')[0]})"
             lines.append(f"| {name} | {r['metric']} | {value} | {r['goal'] or '—'} | {verdict(r, status)} |")

@@ -128,3 +128,31 @@ def test_residual_overhead_times_bf16_by_default_only_with_amx_and_keeps_its_goa
         assert "no AMX" in bf16[0]["value"]
     compiled = next(r for r in rows if r["metric"] == "mhc: compiled fp32 time / plain")
     assert compiled["value"] == pytest.approx(1.3) and compiled["met"] is False
+
+
+def test_a_figure_over_repeats_shows_its_range_and_whether_every_repeat_met_the_goal(tmp_path, monkeypatch):
+    """A median of repeats whose range straddles the goal's bound says so beside the verdict; one whose range is all
+    on one side has the plain verdict; the verdict itself is always the median's."""
+    machine = {"cpu": "Test CPU", "cores": 2, "bf16": False, "python": "3.11", "torch": "2.13.0",
+               "torch_threads": 2, "commit": "abc1234", "date": "2026-12-02 04:00"}  # fmt: skip
+    (tmp_path / "machine.json").write_text(json.dumps(machine))
+    monkeypatch.setattr(sys, "argv", ["moe.py", "--json", "x"])
+    rows = [
+        row("a", 0.95, "×", ">= 0.9", spread=(0.85, 0.97)),
+        row("b", 0.86, "×", ">= 0.9", spread=(0.80, 0.92)),
+        row("c", 0.95, "×", ">= 0.9", spread=(0.91, 0.99)),
+        row("d", 0.80, "×", ">= 0.9", spread=(0.70, 0.85)),
+    ]
+    assert rows[0]["spread"] == [0.85, 0.97] and "spread" not in row("e", 1.0)
+    with pytest.raises(ValueError, match="lowest, highest"):
+        row("x", 1.0, spread=(2.0, 1.0))
+    write_json(tmp_path / "moe.json", "moe", rows, 0.2, 2)
+    result = json.loads((tmp_path / "moe.json").read_text()) | {"status": "ok", "others_cores": 0.1}
+    (tmp_path / "moe.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": "abc1234",
+                                                            "date": "2026-12-02 05:00"}))  # fmt: skip
+    write_table(tmp_path, tmp_path / "B.md", ["moe"])
+    text = (tmp_path / "B.md").read_text()
+    assert "| moe | a | 0.95 × (repeats 0.85–0.97) | >= 0.9 | met (not in every repeat) |" in text
+    assert "| moe | b | 0.86 × (repeats 0.80–0.92) | >= 0.9 | **not met** (met in some repeats) |" in text
+    assert "| moe | c | 0.95 × (repeats 0.91–0.99) | >= 0.9 | met |" in text
+    assert "| moe | d | 0.80 × (repeats 0.70–0.85) | >= 0.9 | **not met** |" in text
