@@ -84,6 +84,8 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
         rows = res["rows"] or [{"metric": status, "value": "", "unit": "", "goal": None, "met": None}]
         for r in rows:
             value = f"{fmt(r['value'])} {r['unit']}".strip()
+            if r["goal"] and isinstance(r["value"], float) and fmt(r["value"]) == fmt(float(r["goal"].split()[1])):
+                value = f"{r['value']:.4f} {r['unit']}".strip()  # rounded onto the bound: show which side it is on
             if r.get("spread"):
                 value += f" (repeats {fmt(r['spread'][0])}–{fmt(r['spread'][1])})"
             if status in ("load too high", UNCHECKED):

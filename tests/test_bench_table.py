@@ -142,6 +142,7 @@ def test_a_figure_over_repeats_shows_its_range_and_whether_every_repeat_met_the_
         row("b", 0.86, "×", ">= 0.9", spread=(0.80, 0.92)),
         row("c", 0.95, "×", ">= 0.9", spread=(0.91, 0.99)),
         row("d", 0.80, "×", ">= 0.9", spread=(0.70, 0.85)),
+        row("f", 0.8965, "×", ">= 0.9"),
     ]
     assert rows[0]["spread"] == [0.85, 0.97] and "spread" not in row("e", 1.0)
     with pytest.raises(ValueError, match="lowest, highest"):
@@ -156,3 +157,4 @@ def test_a_figure_over_repeats_shows_its_range_and_whether_every_repeat_met_the_
     assert "| moe | b | 0.86 × (repeats 0.80–0.92) | >= 0.9 | **not met** (met in some repeats) |" in text
     assert "| moe | c | 0.95 × (repeats 0.91–0.99) | >= 0.9 | met |" in text
     assert "| moe | d | 0.80 × (repeats 0.70–0.85) | >= 0.9 | **not met** |" in text
+    assert "| moe | f | 0.8965 × | >= 0.9 | **not met** |" in text  # not "0.90": rounded onto the bound
