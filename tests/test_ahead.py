@@ -179,3 +179,32 @@ def test_where_it_does_not_apply_torch_compile_serves(model, monkeypatch):
     with torch.no_grad():
         decode_next(model, cache, torch.tensor([3]), compile=True)
     assert not asked
+
+
+def test_the_key_hashes_all_the_nanoseek_code_the_model_can_run_and_no_other():
+    """The libraries' key hashes nanoseek/model and the top-level modules it imports: every nanoseek module that
+    importing the model, its generator and this step loads (in a fresh interpreter) is among them, and no hashed file
+    names other nanoseek code (a lazy import inside a function would not show in the import); the training, RL and
+    serving code is not hashed, so an edit there builds nothing anew."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = set(ahead_module._model_source_files())
+    assert all(f.exists() for f in files)
+    script = "import sys, nanoseek.model.generate, nanoseek.model.ahead; print('\\n'.join(m.__file__ for n, m in "
+    script += "sys.modules.items() if n.split('.')[0] == 'nanoseek' and getattr(m, '__file__', None)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    loaded = {Path(line).resolve() for line in done.stdout.split()}
+    assert len(loaded) > 5 and loaded <= files, sorted(map(str, loaded - files))
+    package = ahead_module._PACKAGE
+    others = {p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()} - {"model"}
+    others |= {p.stem for p in package.glob("*.py") if p not in files}
+    assert {"rl", "train", "serve", "cli"} <= others
+    names = "|".join(sorted(others))
+    pattern = re.compile(rf"\bnanoseek\.({names})\b|from nanoseek import ({names})\b")
+    for f in files:
+        found = pattern.search(f.read_text())
+        assert found is None, f"{f} refers to {found.group()}: hash that code too (ahead._model_source_files)"
+    assert package / "model" / "transformer.py" in files and package / "rl" / "grpo.py" not in files

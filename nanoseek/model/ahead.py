@@ -20,7 +20,9 @@ What the library is given, so that one build serves every batch, cache and weigh
   not a misread.
 
 The built library is kept in inductor's cache folder under a key hashed from what the exported graph is a
-function of: nanoseek's source files (and the model class's, if it is defined elsewhere), the model's configuration,
+function of: the model's source (the files of ``nanoseek.model`` and the few top-level modules they import — all the
+nanoseek code the model can run, which tests/test_ahead.py checks — and the model class's file if it is defined
+elsewhere; an edit to the training, RL or serving code builds nothing anew), the model's configuration,
 class and train / eval mode, its parameters' and buffers' names, dtypes and shapes, the autocast dtype, torch's and
 Python's versions and the CPU's vector instructions. A later process loads the library (milliseconds) without
 exporting the step again (seconds) or building it (tens of seconds). A model whose code is changed at run time
@@ -52,7 +54,17 @@ from nanoseek.model.attention import KVCache
 FORMAT = 2  # bump when what is exported or how it is called changes
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAILED = object()  # a model whose export or build failed once: torch.compile serves it from then on
-_PACKAGE = Path(nanoseek.__file__).resolve().parent  # the source the libraries' keys are hashed from
+_PACKAGE = Path(nanoseek.__file__).resolve().parent
+
+
+# the top-level modules the model's code imports (tests/test_ahead.py checks that it imports no other nanoseek code)
+_TOP_LEVEL = ("__init__.py", "cache.py", "inductor.py", "openmp.py", "schema.py")
+
+
+def _model_source_files() -> list[Path]:
+    """The Python files the libraries' keys are hashed from: nanoseek/model/**.py and the top-level modules it
+    imports — all the nanoseek code the model's forward and decode step can run."""
+    return sorted([*(_PACKAGE / "model").rglob("*.py"), *(_PACKAGE / name for name in _TOP_LEVEL)])
 
 
 class _Step(torch.nn.Module):
@@ -211,10 +223,10 @@ def _export(
 
 @functools.cache
 def _source_digest(extra: str | None) -> str:
-    """SHA-256 of every Python file of the nanoseek package (path and bytes), and of ``extra`` (the model class's
-    file when it is not one of them): the code the exported step is traced from."""
+    """SHA-256 of the model's source files (``_model_source_files``: path and bytes), and of ``extra`` (the model
+    class's file when it is outside the nanoseek package): the code the exported step is traced from."""
     digest = hashlib.sha256()
-    for f in sorted(_PACKAGE.rglob("*.py")):
+    for f in _model_source_files():
         digest.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
     if extra:
         digest.update(extra.encode() + b"\0" + Path(extra).read_bytes())
