@@ -208,3 +208,10 @@ def test_the_key_hashes_all_the_nanoseek_code_the_model_can_run_and_no_other():
         found = pattern.search(f.read_text())
         assert found is None, f"{f} refers to {found.group()}: hash that code too (ahead._model_source_files)"
     assert package / "model" / "transformer.py" in files and package / "rl" / "grpo.py" not in files
+    # a model class defined anywhere else (here: this file) has its own file hashed too
+
+    class Mine(Transformer):
+        pass
+
+    assert ahead_module._class_file(Transformer(CFG)) is None
+    assert Path(ahead_module._class_file(Mine(CFG))) == Path(__file__).resolve()

@@ -224,7 +224,7 @@ def _export(
 @functools.cache
 def _source_digest(extra: str | None) -> str:
     """SHA-256 of the model's source files (``_model_source_files``: path and bytes), and of ``extra`` (the model
-    class's file when it is outside the nanoseek package): the code the exported step is traced from."""
+    class's file when it is not one of them): the code the exported step is traced from."""
     digest = hashlib.sha256()
     for f in _model_source_files():
         digest.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
@@ -234,12 +234,12 @@ def _source_digest(extra: str | None) -> str:
 
 
 def _class_file(model: torch.nn.Module) -> str | None:
-    """The file that defines the model's class, when it is outside the nanoseek package (else None)."""
+    """The file that defines the model's class, when it is not among the hashed model source files (else None)."""
     try:
         path = Path(inspect.getfile(type(model))).resolve()
     except (TypeError, OSError):
         return None
-    return None if path.is_relative_to(_PACKAGE) or not path.exists() else str(path)
+    return None if path in _model_source_files() or not path.exists() else str(path)
 
 
 def _library(key: str, export) -> Path:
