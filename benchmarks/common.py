@@ -84,12 +84,18 @@ def row(
     return out
 
 
-def meets(goal: str, value: float) -> bool:
-    """Whether ``value`` meets ``goal`` ("<op> <number>")."""
+def parse_goal(goal: str) -> tuple[str, float]:
+    """A goal "<op> <number>" (e.g. "<= 1.10") as (op, bound)."""
     op, bound = goal.split()
     if op not in COMPARE:
         raise ValueError(f"goal {goal!r}: expected one of {', '.join(COMPARE)} then a number")
-    return bool(COMPARE[op](value, float(bound)))
+    return op, float(bound)
+
+
+def meets(goal: str, value: float) -> bool:
+    """Whether ``value`` meets ``goal`` ("<op> <number>")."""
+    op, bound = parse_goal(goal)
+    return bool(COMPARE[op](value, bound))
 
 
 def package_versions(*names: str) -> dict[str, str]:

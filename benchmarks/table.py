@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import meets, write_atomic
+from common import meets, parse_goal, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def write_table(results: Path, out: Path, names: list[str] | None = None) -> Non
         rows = res["rows"] or [{"metric": status, "value": "", "unit": "", "goal": None, "met": None}]
         for r in rows:
             value = f"{fmt(r['value'])} {r['unit']}".strip()
-            if r["goal"] and isinstance(r["value"], float) and fmt(r["value"]) == fmt(float(r["goal"].split()[1])):
+            if r["goal"] and isinstance(r["value"], float) and fmt(r["value"]) == fmt(parse_goal(r["goal"])[1]):
                 value = f"{r['value']:.4f} {r['unit']}".strip()  # rounded onto the bound: show which side it is on
             if r.get("spread"):
                 value += f" (repeats {fmt(r['spread'][0])}–{fmt(r['spread'][1])})"

@@ -3,6 +3,10 @@ for any batch, cache and weights; the built library reused; where it does not ap
 
 import copy
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,11 +190,6 @@ def test_the_key_hashes_all_the_nanoseek_code_the_model_can_run_and_no_other():
     importing the model, its generator and this step loads (in a fresh interpreter) is among them, and no hashed file
     names other nanoseek code (a lazy import inside a function would not show in the import); the training, RL and
     serving code is not hashed, so an edit there builds nothing anew."""
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
     files = set(ahead_module._model_source_files())
     assert all(f.exists() for f in files)
     script = "import sys, nanoseek.model.generate, nanoseek.model.ahead; print('\\n'.join(m.__file__ for n, m in "

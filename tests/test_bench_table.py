@@ -12,6 +12,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import cpu_bf16_units, row, write_json  # noqa: E402
 from table import write_table  # noqa: E402
 
+MACHINE = {"cpu": "Test CPU", "cores": 2, "bf16": False, "python": "3.11", "torch": "2.13.0", "torch_threads": 2,
+           "commit": "abc1234", "date": "2026-12-02 04:00"}  # fmt: skip
+
+
+def as_run_by_bench(path: Path, status: str, commit: str) -> None:
+    """Add to a benchmark's result file what bench.py records about its run."""
+    result = json.loads(path.read_text()) | {"status": status, "others_cores": 0.1, "seconds": 60.0}
+    path.write_text(json.dumps(result | {"commit": commit, "date": "2026-12-02 05:00"}))
+
 
 def test_goal_rows_compare_the_value_with_the_bound():
     assert row("x", 1.05, "×", "<= 1.1")["met"] is True
@@ -33,16 +42,12 @@ def test_the_bf16_units_are_read_from_the_cpu_flags():
 
 
 def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch):
-    machine = {"cpu": "Test CPU", "cores": 2, "bf16": False, "python": "3.11", "torch": "2.13.0",
-               "torch_threads": 2, "commit": "abc1234", "date": "2026-12-02 04:00"}  # fmt: skip
-    (tmp_path / "machine.json").write_text(json.dumps(machine))
+    (tmp_path / "machine.json").write_text(json.dumps(MACHINE))
     monkeypatch.setattr(sys, "argv", ["quiet.py", "--json", "x"])
     write_json(tmp_path / "quiet.json", "quiet", [row("speed ratio", 1.05, "×", "<= 1.1")], 0.2, 2)
     write_json(tmp_path / "busy.json", "busy", [row("speed ratio", 1.05, "×", "<= 1.1")], 3.5, 2)
     for name, status in (("quiet", "ok"), ("busy", "load too high")):
-        result = json.loads((tmp_path / f"{name}.json").read_text()) | {"status": status, "others_cores": 0.1}
-        (tmp_path / f"{name}.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": f"{name[0]}bc1234",
-                                                                     "date": "2026-12-02 05:00"}))  # fmt: skip
+        as_run_by_bench(tmp_path / f"{name}.json", status, f"{name[0]}bc1234")
     # written by hand, without bench.py's load check: shown, never counted as met
     write_json(tmp_path / "hand.json", "hand", [row("speed ratio", 1.05, "×", "<= 1.1")], 0.1, 2,
                versions={"trl": "1.16.0"})  # fmt: skip
@@ -51,7 +56,7 @@ def test_table_marks_disturbed_runs_and_skipped_benchmarks(tmp_path, monkeypatch
     write_table(tmp_path, tmp_path / "B.md", ["quiet", "busy", "peer", "hand"])
     text = (tmp_path / "B.md").read_text()
     assert "Test CPU, 2 cores (bf16 instructions: no)" in text and "torch 2.13.0" in text
-    (tmp_path / "machine.json").write_text(json.dumps(machine | {"bf16": True, "bf16_units": "AVX512-BF16 (no AMX)"}))
+    (tmp_path / "machine.json").write_text(json.dumps(MACHINE | {"bf16": True, "bf16_units": "AVX512-BF16 (no AMX)"}))
     write_table(tmp_path, tmp_path / "B2.md", ["quiet"])
     assert "Test CPU, 2 cores (bf16 instructions: yes, AVX512-BF16 (no AMX))" in (tmp_path / "B2.md").read_text()
     assert "| quiet | speed ratio | 1.05 × | <= 1.1 | met |" in text
@@ -133,9 +138,7 @@ def test_residual_overhead_times_bf16_by_default_only_with_amx_and_keeps_its_goa
 def test_a_figure_over_repeats_shows_its_range_and_whether_every_repeat_met_the_goal(tmp_path, monkeypatch):
     """A median of repeats whose range straddles the goal's bound says so beside the verdict; one whose range is all
     on one side has the plain verdict; the verdict itself is always the median's."""
-    machine = {"cpu": "Test CPU", "cores": 2, "bf16": False, "python": "3.11", "torch": "2.13.0",
-               "torch_threads": 2, "commit": "abc1234", "date": "2026-12-02 04:00"}  # fmt: skip
-    (tmp_path / "machine.json").write_text(json.dumps(machine))
+    (tmp_path / "machine.json").write_text(json.dumps(MACHINE))
     monkeypatch.setattr(sys, "argv", ["moe.py", "--json", "x"])
     rows = [
         row("a", 0.95, "×", ">= 0.9", spread=(0.85, 0.97)),
@@ -148,9 +151,7 @@ def test_a_figure_over_repeats_shows_its_range_and_whether_every_repeat_met_the_
     with pytest.raises(ValueError, match="lowest, highest"):
         row("x", 1.0, spread=(2.0, 1.0))
     write_json(tmp_path / "moe.json", "moe", rows, 0.2, 2)
-    result = json.loads((tmp_path / "moe.json").read_text()) | {"status": "ok", "others_cores": 0.1}
-    (tmp_path / "moe.json").write_text(json.dumps(result | {"seconds": 60.0, "commit": "abc1234",
-                                                            "date": "2026-12-02 05:00"}))  # fmt: skip
+    as_run_by_bench(tmp_path / "moe.json", "ok", "abc1234")
     write_table(tmp_path, tmp_path / "B.md", ["moe"])
     text = (tmp_path / "B.md").read_text()
     assert "| moe | a | 0.95 × (repeats 0.85–0.97) | >= 0.9 | met (not in every repeat) |" in text

@@ -55,8 +55,6 @@ FORMAT = 2  # bump when what is exported or how it is called changes
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAILED = object()  # a model whose export or build failed once: torch.compile serves it from then on
 _PACKAGE = Path(nanoseek.__file__).resolve().parent
-
-
 # the top-level modules the model's code imports (tests/test_ahead.py checks that it imports no other nanoseek code)
 _TOP_LEVEL = ("__init__.py", "cache.py", "inductor.py", "openmp.py", "schema.py")
 
