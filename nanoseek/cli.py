@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -678,14 +679,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _then_leave_group(code: int) -> int:
     """Leave torchrun's process group once a command has returned on this process (every process returns: a stop
-    is agreed through a collective). A group never destroyed lets gloo's worker threads outlive the interpreter's
-    teardown, which aborts the process now and then ("terminate called without an active exception",
-    pytorch/pytorch#190489) and fails a finished run. After an exception the group is left alone: the other
-    processes may still be inside a collective, and destroying it then can hang (torchtitan does the same)."""
+    is agreed through a collective), then end a torchrun worker at once. A group never destroyed lets gloo's worker
+    threads outlive the interpreter's teardown, which aborts the process now and then ("terminate called without an
+    active exception", pytorch/pytorch#190489) and fails a finished run; with the group destroyed it still happened
+    twice in some thirty CI runs (docs/LOG.md), from a thread that outlives the teardown. A worker that has returned
+    has written everything it writes (checkpoints and metrics are written and closed before a command returns), so
+    it flushes its output and exits with ``os._exit``, skipping the teardown where the abort happens. After an
+    exception the group is left alone: the other processes may still be inside a collective, and destroying it then
+    can hang (torchtitan does the same)."""
     distributed = sys.modules.get("nanoseek.train.distributed")  # only a command that trained can have joined one
-    if distributed is not None:
-        distributed.teardown()
+    if distributed is None:
+        return code
+    distributed.teardown()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+        _exit_now(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` after flushing Python's output, without the interpreter's teardown."""
+    import contextlib
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream has nothing left to write
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,32 @@ def test_a_command_that_returns_leaves_the_process_group_and_one_that_failed_doe
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_torchrun_worker_whose_command_returned_exits_at_once_after_flushing(tmp_path, monkeypatch, capsys):
+    """A worker skips the interpreter's teardown (where gloo's threads abort a finished run now and then): it
+    leaves the group, flushes its output and calls os._exit with the command's code; one process returns as usual."""
+    import torch.distributed as dist
+
+    import nanoseek.cli
+    import nanoseek.train.distributed  # noqa: F401 - imported by every command that can join a group
+
+    class Exited(BaseException):  # as os._exit, nothing on the way out may catch it
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(nanoseek.cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with pytest.raises(Exited) as exited:
+            nanoseek.cli.main(["info"])
+        assert exited.value.args == (0,) and not dist.is_initialized()
+        assert "torch" in capsys.readouterr().out  # what the command printed was written before the exit
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert nanoseek.cli.main(["info"]) == 0  # not a torchrun worker: main returns
