@@ -681,12 +681,12 @@ def _then_leave_group(code: int) -> int:
     """Leave torchrun's process group once a command has returned on this process (every process returns: a stop
     is agreed through a collective), then end a torchrun worker at once. A group never destroyed lets gloo's worker
     threads outlive the interpreter's teardown, which aborts the process now and then ("terminate called without an
-    active exception", pytorch/pytorch#190489) and fails a finished run; with the group destroyed it still happened
-    twice in some thirty CI runs (docs/LOG.md), from a thread that outlives the teardown. A worker that has returned
+    active exception", pytorch/pytorch#190489) and fails a finished run; with the group destroyed it happened once
+    more in a clean-clone CI run (docs/LOG.md), from a thread that outlives the teardown. A worker that has returned
     has written everything it writes (checkpoints and metrics are written and closed before a command returns), so
-    it flushes its output and exits with ``os._exit``, skipping the teardown where the abort happens. After an
-    exception the group is left alone: the other processes may still be inside a collective, and destroying it then
-    can hang (torchtitan does the same)."""
+    it flushes its output and exits with ``os._exit``, skipping the teardown, where such aborts happen (the one seen
+    since could not be reproduced to confirm it was there: docs/LOG.md). After an exception the group is left alone:
+    the other processes may still be inside a collective, and destroying it then can hang (torchtitan does the same)."""
     distributed = sys.modules.get("nanoseek.train.distributed")  # only a command that trained can have joined one
     if distributed is None:
         return code
