@@ -688,10 +688,7 @@ def _then_leave_group(code: int) -> int:
     since could not be reproduced to confirm it was there: docs/LOG.md). After an exception the group is left alone:
     the other processes may still be inside a collective, and destroying it then can hang (torchtitan does the same)."""
     distributed = sys.modules.get("nanoseek.train.distributed")  # only a command that trained can have joined one
-    if distributed is None:
-        return code
-    distributed.teardown()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+    if distributed is not None and distributed.teardown() > 1:  # a torchrun worker: it left a group of several
         _exit_now(code)
     return code
 

@@ -103,10 +103,18 @@ def test_a_torchrun_worker_whose_command_returned_exits_at_once_after_flushing(t
     def fake_exit(code):
         raise Exited(code)
 
+    def join():
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+
     monkeypatch.setattr(nanoseek.cli.os, "_exit", fake_exit)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    real_teardown = nanoseek.train.distributed.teardown
+    join()
     try:
+        assert nanoseek.cli.main(["info"]) == 0  # a group of one process: main returns
+        assert not dist.is_initialized() and real_teardown() == 0  # and it was left; none left to leave now
+        join()
+        # one process cannot join a group of two: the teardown leaves this one and reports two processes
+        monkeypatch.setattr(nanoseek.train.distributed, "teardown", lambda: real_teardown() + 1)
         with pytest.raises(Exited) as exited:
             nanoseek.cli.main(["info"])
         assert exited.value.args == (0,) and not dist.is_initialized()
@@ -114,5 +122,3 @@ def test_a_torchrun_worker_whose_command_returned_exits_at_once_after_flushing(t
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert nanoseek.cli.main(["info"]) == 0  # not a torchrun worker: main returns

@@ -65,10 +65,14 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def teardown() -> None:
-    """Leave the process group, if this process joined one (``nanoseek.cli`` calls it when a command returns)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown() -> int:
+    """Leave the process group, if this process joined one (``nanoseek.cli`` calls it when a command returns).
+    Returns how many processes the group had (0: none was joined)."""
+    if not dist.is_initialized():
+        return 0
+    world = dist.get_world_size()
+    dist.destroy_process_group()
+    return world
 
 
 # ---------------------------------------------------------------------------------------------------------------------
