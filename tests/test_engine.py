@@ -1,5 +1,6 @@
 """The one engine under every stage: what [train] asks for is what pretraining, SFT and GRPO get."""
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,8 @@ from nanoseek.data.tasks import make_task
 from nanoseek.data.tokenizer import ByteTokenizer
 from nanoseek.rl.grpo import GRPO, GRPOConfig
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.engine import Engine, TrainingError
+from nanoseek.train.engine import Engine, TrainingError, _scales_in_its_kernel, balance_experts
+from nanoseek.train.optim import build_optimizers
 from nanoseek.train.sft import SFT
 
 MOE = dict(d_model=32, n_layers=2, n_heads=2, seq_len=64, ffn="moe", n_routed_experts=4, top_k=2,
@@ -146,3 +148,65 @@ def test_finite_check_catches_each_non_finite_value_in_any_tensor(bad):
         broken = [p.clone() for p in params]
         broken[i].view(-1)[-1] = bad
         assert not _finite(broken)
+
+
+def test_finite_check_keeps_huge_finite_weights_whose_sum_overflows():
+    from nanoseek.train.engine import _finite
+
+    huge = [torch.full((4,), 3e38), torch.full((3,), -3e38, dtype=torch.bfloat16)]
+    assert all(not torch.isfinite(t.sum()) for t in huge)  # the quick sum overflows, the exact test decides
+    assert _finite(huge)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_norm_is_torchs_total_norm_including_overflow_infinity_and_nan(dtype):
+    from nanoseek.train.engine import gradient_norm
+
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in [(3, 5), (7,), (2, 3, 4)]]
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, dtype=dtype, generator=torch.Generator().manual_seed(i))
+    expected = float(torch.cat([p.grad.double().flatten() for p in params]).norm())
+    assert gradient_norm(params) == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-14)
+    assert gradient_norm([]) == 0.0 and gradient_norm([torch.nn.Parameter(torch.zeros(2))]) == 0.0  # no gradients
+    params[1].grad[0] = 1e30  # its square overflows float32, the norm itself does not
+    assert gradient_norm(params) == pytest.approx(float(torch.nn.utils.get_total_norm([p.grad for p in params])))
+    for bad, expected_bad in [(math.inf, math.isinf), (math.nan, math.isnan)]:
+        params[1].grad[0] = bad
+        assert expected_bad(gradient_norm(params))
+
+
+def _reference_update(model, optimizers, clip, dist):
+    """What the engine's update did before its clipping moved into the fused kernel: torch's clip_grad_norm_,
+    every optimizer's step, the gradients dropped, the MoE balancing."""
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip or math.inf)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    balance_experts(model, dist)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "dtype"), [("adamw", torch.float32), ("adamw", torch.float64), ("muon", torch.float64)]
+)
+@pytest.mark.parametrize("clip", [0.05, 1e9, 0.0])
+def test_clipped_update_equals_clip_grad_norm_then_the_steps(optimizer, dtype, clip):
+    """Clipping binding (0.05), not binding and off (0): the engine's updates, with the scale inside the fused
+    AdamW kernel (float32) or multiplied into the gradients first (float64, Muon), land where torch's
+    clip_grad_norm_ followed by the optimizers' steps lands, over five updates with fresh gradients. Muon is
+    compared in float64 only: it orthogonalises in bfloat16, where a float32 rounding difference in the clip
+    factor flips roundings of the whole matrix."""
+    dispatch = "grouped" if dtype == torch.float32 else "loop"  # grouped_mm has no float64
+    e = engine(MOE | {"moe_dispatch": dispatch}, optimizer=optimizer, grad_clip=clip, weight_decay=0.1)
+    e.model.to(dtype)
+    ref = copy.deepcopy(e.model)
+    ref_opts = build_optimizers(ref, e.cfg)
+    assert _scales_in_its_kernel(e.optimizers[0]) == (dtype == torch.float32)  # the path under test
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randint(0, 256, (2, 16), generator=g)
+        e.update([lambda x=x: e.forward(x, x)[1]])
+        ref(x, x)[1].backward()
+        _reference_update(ref, ref_opts, clip, e.dist)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for (name, a), b in zip(e.model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")

@@ -7,7 +7,7 @@ A stage (pretraining, SFT, GRPO, distillation) computes losses; the engine does 
   autocast (train.dtype) around every micro-batch the stage runs through ``update`` and around ``autocast()``;
 * **an update** (``update``): the stage's micro-batch closures, each run forward and backward with gradient sync
   only on the last (train.grad_accum of them, usually), then the NaN guard on the loss and the gradient norm,
-  clipping (train.grad_clip), every optimizer (AdamW, or Muon + AdamW: train.optimizer), the NaN guard on the
+  clipping (train.grad_clip; inside the fused AdamW kernel's own pass where it runs), every optimizer (AdamW, or Muon + AdamW: train.optimizer), the NaN guard on the
   updated weights (train.on_nan: stop, or skip = undo the update), and the post-step hooks — MoE balancing, with
   the expert loads summed over micro-batches and processes here, outside the model;
 * **the lr schedule** (``set_lr``), laid out over train.steps.
@@ -87,13 +87,11 @@ class Engine:
             total += loss.detach().float()
         loss = self.dist.mean(total).item()
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        norm = _item(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        norm = gradient_norm(params)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return self._non_finite(f"loss={loss}" if not math.isfinite(loss) else f"gradient norm={norm}", loss, norm)
         snapshot = self._snapshot() if self.cfg.on_nan == "skip" else None
-        for opt in self.optimizers:
-            opt.step()
+        step_clipped(self.optimizers, norm, self.cfg.grad_clip)
         if not self.dist.broadcast_flag(not _finite(list(self.model.parameters()))):
             self._zero_grad()
             balance_experts(self.model, self.dist)
@@ -152,10 +150,61 @@ def _item(t: torch.Tensor) -> float:
 
 
 def _finite(params: list[nn.Parameter]) -> bool:
-    """Every parameter (this process's shard of it) finite: its min and max (NaN propagates through both) in one
-    pass per tensor without a temporary copy, one sync."""
-    local = [_local(p.detach()) for p in params]
-    return bool(torch.stack([torch.stack(torch.aminmax(t)).float() for t in local if t.numel()]).isfinite().all())
+    """Every parameter (this process's shard of it) finite. First the sum of each tensor: a sum with an infinite
+    or NaN term is never finite, so finite sums prove every element finite, in the cheapest pass over the weights
+    there is. A non-finite sum may also be an overflow of finite values, so then the exact test decides: each
+    tensor's min and max (NaN propagates through both), one pass per tensor without a temporary copy."""
+    local = [t for t in (_local(p.detach()) for p in params) if t.numel()]
+    if not local or bool(torch.stack([t.sum() for t in local]).isfinite().all()):
+        return True
+    return bool(torch.stack([torch.stack(torch.aminmax(t)).float() for t in local]).isfinite().all())
+
+
+DOT_DTYPES = (torch.float32, torch.float64)
+
+
+def gradient_norm(params: list[nn.Parameter]) -> float:
+    """The L2 norm of all the parameters' gradients together (of the full gradients, for FSDP's sharded ones),
+    as ``torch.nn.utils.get_total_norm`` computes it. For plain float32 / float64 gradients each tensor's squared
+    norm is a BLAS dot product with itself, which on a CPU reads the gradients about twice as fast as torch's norm
+    kernels; sharded or other gradients go to torch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if any(hasattr(g, "to_local") or g.dtype not in DOT_DTYPES or g.device.type != "cpu" for g in grads):
+        return _item(torch.nn.utils.get_total_norm(grads))
+    squares = [torch.dot(flat, flat).double() for flat in (g.reshape(-1) for g in grads)]
+    norm = math.sqrt(float(torch.stack(squares).sum()))
+    # a float32 square overflows at a norm of about 1.8e19, where torch's kernels still give a finite norm
+    return norm if math.isfinite(norm) else _item(torch.nn.utils.get_total_norm(grads))
+
+
+def step_clipped(optimizers: Sequence[torch.optim.Optimizer], norm: float, clip: float) -> None:
+    """Every optimizer's step with the gradients scaled to norm at most ``clip`` (0: no clipping), by the factor
+    ``torch.nn.utils.clip_grad_norm_`` uses, clip / (norm + 1e-6), when that is below 1. An optimizer running
+    torch's fused kernel takes the scale inside its own pass over the gradients (the ``grad_scale`` it divides
+    them by, the attribute torch's GradScaler sets for the same kernels), which saves a pass over every gradient;
+    the others get their gradients multiplied first, and so do float64 parameters, as the kernel's scale is a
+    float32."""
+    factor = clip / (norm + 1e-6) if clip > 0 else 1.0
+    for opt in optimizers:
+        if factor >= 1.0:
+            opt.step()
+        elif _scales_in_its_kernel(opt):
+            opt.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32)
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale
+        else:
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(grads, factor)
+            opt.step()
+
+
+def _scales_in_its_kernel(opt: torch.optim.Optimizer) -> bool:
+    fused = getattr(opt, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in opt.param_groups)
+    return fused and all(p.dtype != torch.float64 for g in opt.param_groups for p in g["params"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
