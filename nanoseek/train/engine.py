@@ -7,9 +7,10 @@ A stage (pretraining, SFT, GRPO, distillation) computes losses; the engine does 
   autocast (train.dtype) around every micro-batch the stage runs through ``update`` and around ``autocast()``;
 * **an update** (``update``): the stage's micro-batch closures, each run forward and backward with gradient sync
   only on the last (train.grad_accum of them, usually), then the NaN guard on the loss and the gradient norm,
-  clipping (train.grad_clip; inside the fused AdamW kernel's own pass where it runs), every optimizer (AdamW, or Muon + AdamW: train.optimizer), the NaN guard on the
-  updated weights (train.on_nan: stop, or skip = undo the update), and the post-step hooks — MoE balancing, with
-  the expert loads summed over micro-batches and processes here, outside the model;
+  clipping (train.grad_clip; inside the fused AdamW kernel's own pass where it runs), every optimizer (AdamW, or
+  Muon + AdamW: train.optimizer), the NaN guard on the updated weights (train.on_nan: stop, or skip = undo the
+  update), and the post-step hooks — MoE balancing, with the expert loads summed over micro-batches and processes
+  here, outside the model;
 * **the lr schedule** (``set_lr``), laid out over train.steps.
 
 The run loop around it (run folder, metrics, checkpoints, resume, Ctrl-C, time budget) is ``nanoseek.train.loop``.
