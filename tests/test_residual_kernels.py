@@ -155,12 +155,17 @@ def _model_pair(kind: dict, **fused_kind) -> tuple[Transformer, Transformer]:
     return fused, reference
 
 
+@pytest.mark.parametrize("form", ["eager", "compiled"])
 @pytest.mark.parametrize("recompute", [0, 2, 3])
 @pytest.mark.parametrize("kind", MODELS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
-def test_model_with_fused_kernels_equals_the_readable_equations(kind, recompute):
+def test_model_with_fused_kernels_equals_the_readable_equations(kind, recompute, form, monkeypatch):
     """Logits, loss and every parameter's gradient of a whole model, fused (with or without block recompute, blocks
-    of 2 or 3 of the 4 sites) vs readable, in float64."""
+    of 2 or 3 of the 4 sites) vs readable, in float64. The kernels sum over the streams with batched matmuls
+    eagerly and with loops of multiply-adds under torch.compile (which fuses them): "compiled" runs the latter
+    forms, here without compiling, so that both are held to the equations."""
     fused, reference = _model_pair(kind, stream_recompute=recompute)
+    if form == "compiled":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     idx = torch.randint(0, 64, (2, 16))
     losses = []
     for model in (fused, reference):
