@@ -57,24 +57,6 @@ def test_the_c_kernel_handles_underflowing_columns_float32_and_leading_dimension
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tokens_split_between_threads_give_the_same_bits_as_one_call(dtype, monkeypatch):
-    """The kernel's tokens in parts run by several threads at once: the same numbers, bit for bit, as one call over
-    all of them, forward and backward, with a last part that is not a whole number of blocks; few tokens stay whole."""
-    torch.manual_seed(0)
-    logits, grad = torch.randn(2, 500, 4, 4, dtype=dtype) * 3, torch.randn(2, 500, 4, 4, dtype=dtype)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert native._parts(1000) == [(0, 1000)]
-    whole = native.sinkhorn_forward(logits, 20), native.sinkhorn_backward(grad, logits, 20)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    monkeypatch.setattr(native, "MIN_TOKENS_PER_THREAD", 100)
-    assert native._parts(1000) == [(0, 384), (384, 384), (768, 232)]  # whole blocks of 64, then the rest
-    assert native._parts(150) == [(0, 150)]  # parts of fewer than 100 tokens are not worth a thread
-    parts = native.sinkhorn_forward(logits, 20), native.sinkhorn_backward(grad, logits, 20)
-    assert torch.equal(parts[0], whole[0]) and torch.equal(parts[1], whole[1])
-    torch.testing.assert_close(whole[0], torch_forward(logits, 20))
-
-
 def test_sinkhorn_uses_the_c_kernel_for_cpu_float_tensors_only():
     assert native.usable(torch.zeros(2, 4, 4)) and native.usable(torch.zeros(2, 4, 4, dtype=torch.float64))
     assert not native.usable(torch.zeros(2, 4, 4, dtype=torch.bfloat16))

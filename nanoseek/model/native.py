@@ -7,8 +7,7 @@ per training step between mHC and plain at B=8, T=256, C=256, 8 sites (docs/LOG.
 goes through all iterations in a buffer that stays in the L1 cache, the innermost loops running over the tokens
 (vectorised by the compiler). The arithmetic is the same as the torch version, in the same order: column sums then
 row sums, each plus the dtype's smallest normal number, divisions (not multiplications by reciprocals), and the
-backward replays the forward keeping only the denominators (tests/test_native.py compares both directions). Many
-tokens (a training step's) are split into parts run at once by torch's number of threads, bit for bit the same.
+backward replays the forward keeping only the denominators (tests/test_native.py compares both directions).
 
 Built once per machine into nanoseek's cache folder (``$NANOSEEK_CACHE``, else ~/.cache/nanoseek), keyed by the
 source, the compiler and the CPU's instruction-set flags (``-march=native``), in about a second; plain C, no torch
@@ -27,7 +26,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -221,69 +219,12 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
         raise MemoryError(f"nanoseek: {name} could not allocate its buffers")
 
 
-# Every token's matrix is normalised on its own, so the tokens can be split between threads with the same result bit
-# for bit. ctypes releases the GIL during the call, and while it runs torch's own threads are idle (the kernel is one
-# operator of the step): on 2 cores the backward of 2,048 tokens took 0.7-0.9 ms in two parts against 1.3 ms in one
-# (docs/LOG.md, 2026-12-04). A part below MIN_TOKENS_PER_THREAD is not worth a thread's hand-off (decoding's few
-# tokens run in one call).
-BLOCK = 64  # tokens per block of the kernel (TB): parts start at multiples of it
-MIN_TOKENS_PER_THREAD = 512
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _parts(tokens: int) -> list[tuple[int, int]]:
-    """(first token, count) of each thread's part: torch's thread count at most, each ≥ MIN_TOKENS_PER_THREAD."""
-    k = max(1, min(torch.get_num_threads(), tokens // MIN_TOKENS_PER_THREAD))
-    if k == 1:
-        return [(0, tokens)]
-    per = (tokens + k - 1) // k
-    per = (per + BLOCK - 1) // BLOCK * BLOCK  # whole blocks
-    return [(start, min(per, tokens - start)) for start in range(0, tokens, per)]
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            workers = max(1, (os.cpu_count() or 2) - 1)  # the calling thread runs a part itself
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nanoseek-native")
-        return _pool
-
-
-def _forget_pool() -> None:  # a forked child has none of the parent's threads: it starts its own pool when needed
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _call_in_parts(name: str, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], tokens: int, n: int, *rest):
-    """``name`` over all tokens of ``tensors`` (contiguous, token-major: n·n numbers a token), split into parts run
-    at once by this thread and pool threads."""
-    step = n * n * tensors[0].element_size()
-    ptrs = [t.data_ptr() for t in tensors]
-    parts = _parts(tokens)
-    futures = [
-        _executor().submit(_call, name, dtype, *(p + start * step for p in ptrs), count, n, *rest)
-        for start, count in parts[1:]
-    ]
-    try:
-        start, count = parts[0]
-        _call(name, dtype, *(p + start * step for p in ptrs), count, n, *rest)
-    finally:
-        for f in futures:  # every part has finished (or failed) before the tensors can be freed
-            f.result()
-
-
 def sinkhorn_forward(logits: torch.Tensor, n_iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp of logits (..., n, n) (``usable(logits)`` must hold)."""
     x = logits.contiguous()
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _call_in_parts("sinkhorn_forward", x.dtype, (x, out), x.numel() // (n * n), n, n_iters)
+    _call("sinkhorn_forward", x.dtype, x.data_ptr(), out.data_ptr(), x.numel() // (n * n), n, n_iters)
     return out
 
 
@@ -292,5 +233,5 @@ def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, n_iters: int) ->
     x, g = logits.contiguous(), grad.to(logits.dtype).contiguous()
     out = torch.empty_like(x)
     n = x.shape[-1]
-    _call_in_parts("sinkhorn_backward", x.dtype, (g, x, out), x.numel() // (n * n), n, n_iters)
+    _call("sinkhorn_backward", x.dtype, g.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel() // (n * n), n, n_iters)
     return out
