@@ -7,10 +7,11 @@ shape and batch) for a fixed number of steps in a fresh process per setting — 
 at start-up — first with the machine as it is, then with two background processes spinning on the CPU, and prints
 seconds per step (median of the timed steps), the CPU seconds, and the ratio loaded / idle.
 
-Settings: the threading nanoseek chooses by itself (`nanoseek auto`: the passive wait policy of nanoseek/openmp.py
-and the automatic thread count of nanoseek/train/threads.py, which leaves the cores busy processes use), torch's
-defaults (nanoseek told to keep the environment), a passive wait policy, a short spin (GOMP_SPINCOUNT), and one
-thread; all but the first keep their thread count whatever the load.
+Settings: the threading nanoseek chooses by itself (`nanoseek auto`: the short spin of nanoseek/openmp.py, set as
+nanoseek is imported before torch, and the automatic thread count of nanoseek/train/threads.py, which leaves the
+cores busy processes use), torch's defaults (nanoseek told to keep the environment), a passive wait policy, a short
+spin (GOMP_SPINCOUNT), and one thread; all but the first keep their thread count whatever the load. (Until
+2026-12-04 the child imported torch first, so `nanoseek auto` ran with libgomp's default wait, not nanoseek's.)
 Goal: under load the demo takes at most 2.5× its idle time, with no slowdown on an idle machine against torch's
 defaults.
 
@@ -42,6 +43,7 @@ KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "NANOSEEK_OPENMP
 
 CHILD = """
 import json, statistics, sys, time
+import nanoseek  # first, as nanoseek's command line does: its OpenMP setting must precede torch's loading OpenMP
 import torch
 from nanoseek.config import load_run_config, preset_path
 from nanoseek.data.loader import load_token_data

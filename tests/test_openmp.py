@@ -1,4 +1,4 @@
-"""The OpenMP wait policy nanoseek chooses (nanoseek/openmp.py): passive unless the user chose otherwise."""
+"""The OpenMP wait nanoseek chooses (nanoseek/openmp.py): a short spin unless the user chose otherwise."""
 
 import os
 import subprocess
@@ -14,10 +14,11 @@ WAIT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NANOSEEK_OPENMP")
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ({}, "PASSIVE"),
-        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's wait policy wins
-        ({"GOMP_SPINCOUNT": "10000"}, None),  # so does a spin count: PASSIVE would override it
-        ({"NANOSEEK_OPENMP": "keep"}, None),  # the environment left exactly as it is
+        ({}, (None, "10000")),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),  # the user's wait policy wins
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, ("PASSIVE", None)),  # a spin count would override PASSIVE: none is set
+        ({"GOMP_SPINCOUNT": "500"}, (None, "500")),  # the user's spin count wins
+        ({"NANOSEEK_OPENMP": "keep"}, (None, None)),  # the environment left exactly as it is
     ],
 )
 def test_wait_policy(monkeypatch, given, expected):
@@ -26,11 +27,11 @@ def test_wait_policy(monkeypatch, given, expected):
     for name, value in given.items():
         monkeypatch.setenv(name, value)
     choose_openmp()
-    assert os.environ.get("OMP_WAIT_POLICY") == expected
+    assert (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")) == expected
 
 
 def test_set_before_torch_loads():
-    """Importing nanoseek sets the policy before torch (and with it OpenMP) is imported: a finder records the
+    """Importing nanoseek sets the spin count before torch (and with it OpenMP) is imported: a finder records the
     environment at the moment torch's import starts."""
     env = {k: v for k, v in os.environ.items() if k not in WAIT}
     code = (
@@ -38,10 +39,10 @@ def test_set_before_torch_loads():
         "class Spy:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'torch' and not hasattr(sys, 'seen'):\n"
-        "            sys.seen = os.environ.get('OMP_WAIT_POLICY')\n"
+        "            sys.seen = os.environ.get('GOMP_SPINCOUNT')\n"
         "sys.meta_path.insert(0, Spy())\n"
         "import nanoseek\n"
         "print(sys.seen)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
+    assert out.stdout.strip() == "10000"
