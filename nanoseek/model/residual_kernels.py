@@ -148,19 +148,32 @@ def _dot_over_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.transpose(-1, -2)
 
 
-def _small_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in the two's promoted dtype: the eager form of a sum over the n streams. Per token it is an (n × n) or
-    (1 × n) by (n × C) product, which a batched matmul does in one pass over b and the output, where the loop of
-    fused multiply-adds that torch.compile turns into one pass takes n passes eagerly (2.0 against 0.8 ms for
+def _sum_over_streams(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_j w_j x_j over the streams of x (..., n, C): w (..., n) -> (..., C), or w (..., p, n) -> (..., p, C), in
+    the two's promoted dtype. Under torch.compile a loop of n fused multiply-adds, which inductor fuses with what
+    surrounds it into one pass; eager a batched matmul, one pass where the loop takes n (2.0 against 0.8 ms for
     H_resᵀ · g at B·T = 2048, n = 4, C = 256 on 2 cores; docs/LOG.md)."""
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype) @ b.to(dtype)
+    vector = w.dim() == x.dim() - 1
+    if torch.compiler.is_compiling():
+
+        def term(j: int) -> tuple[torch.Tensor, torch.Tensor]:  # weight(s) of stream j, and stream j
+            return (w[..., j : j + 1], x[..., j, :]) if vector else (w[..., :, j : j + 1], x[..., j : j + 1, :])
+
+        out = torch.mul(*term(0))
+        for j in range(1, x.shape[-2]):
+            out.addcmul_(*term(j))
+        return out
+    dtype = torch.promote_types(w.dtype, x.dtype)
+    if vector:
+        return (w.unsqueeze(-2).to(dtype) @ x.to(dtype)).squeeze(-2)
+    return w.to(dtype) @ x.to(dtype)
 
 
 def _mix(x: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """H_res · x + H_postᵀ · y, computed in the coefficients' precision, returned in x's dtype."""
+    """H_res · x + H_postᵀ · y, computed in the coefficients' precision, returned in x's dtype. Compiled, the loop
+    starts from H_postᵀ · y, the form whose saved activations the benchmarks measured."""
     if not torch.compiler.is_compiling():
-        return _small_matmul(h_res, x).addcmul_(h_post.unsqueeze(-1), y.unsqueeze(-2)).to(x.dtype)
+        return _sum_over_streams(h_res, x).addcmul_(h_post.unsqueeze(-1), y.unsqueeze(-2)).to(x.dtype)
     out = h_post.unsqueeze(-1) * y.unsqueeze(-2)  # H_postᵀ · y
     for j in range(x.shape[-2]):
         out.addcmul_(h_res[..., j : j + 1], x[..., j : j + 1, :])  # + column j of H_res ⊗ stream j
@@ -240,12 +253,7 @@ class _ReadStreams(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, h_pre: torch.Tensor, weight: torch.Tensor, eps: float, *replay) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            read = h_pre[..., 0:1] * x[..., 0, :]
-            for j in range(1, x.shape[-2]):
-                read.addcmul_(h_pre[..., j : j + 1], x[..., j, :])
-        else:
-            read = _small_matmul(h_pre.unsqueeze(-2), x).squeeze(-2)
+        read = _sum_over_streams(h_pre, x)  # H_pre · x
         rstd = torch.rsqrt(read.square().mean(dim=-1, keepdim=True) + eps)  # (..., 1)
         _save(ctx, (h_pre, weight, rstd), x, replay)
         return read.mul_(rstd).mul_(weight)
@@ -277,15 +285,8 @@ class _MixStreams(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (h_res, h_post, y), x = _saved(ctx)
         g = upcast(g)
-        if torch.compiler.is_compiling():
-            grad_x = h_res[..., 0, :].unsqueeze(-1) * g[..., 0:1, :]  # H_resᵀ · g, one row of H_res at a time
-            grad_y = h_post[..., 0:1] * g[..., 0, :]  # H_post · g
-            for i in range(1, x.shape[-2]):
-                grad_x.addcmul_(h_res[..., i, :].unsqueeze(-1), g[..., i : i + 1, :])
-                grad_y.addcmul_(h_post[..., i : i + 1], g[..., i, :])
-        else:
-            grad_x = _small_matmul(h_res.transpose(-1, -2), g)
-            grad_y = _small_matmul(h_post.unsqueeze(-2), g).squeeze(-2)
+        grad_x = _sum_over_streams(h_res.transpose(-1, -2), g)  # H_resᵀ · g
+        grad_y = _sum_over_streams(h_post, g)  # H_post · g
         grad_h_res = _dot_over_channels(g, upcast(x))  # Σ_c g_ic x_jc: (..., n, n)
         grad_h_post = _dot_over_channels(g, upcast(y).unsqueeze(-2)).squeeze(-1)  # Σ_c g_ic y_c: (..., n)
         return grad_x.to(x.dtype), grad_h_res, grad_h_post, grad_y.to(y.dtype), *[None] * ctx.n_replay
