@@ -7,11 +7,14 @@ shape and batch) for a fixed number of steps in a fresh process per setting — 
 at start-up — first with the machine as it is, then with two background processes spinning on the CPU, and prints
 seconds per step (median of the timed steps), the CPU seconds, and the ratio loaded / idle.
 
-Settings: the threading nanoseek chooses by itself (`nanoseek auto`: the short spin of nanoseek/openmp.py, set as
-nanoseek is imported before torch, and the automatic thread count of nanoseek/train/threads.py, which leaves the
-cores busy processes use), torch's defaults (nanoseek told to keep the environment), a passive wait policy, a short
-spin (GOMP_SPINCOUNT), and one thread; all but the first keep their thread count whatever the load. (Until
-2026-12-04 the child imported torch first, so `nanoseek auto` ran with libgomp's default wait, not nanoseek's.)
+Settings: the threading nanoseek chooses by itself (`nanoseek auto`: the wait of nanoseek/openmp.py, set as
+nanoseek is imported before torch — a short spin on an idle machine, sleeping at once (passive) beside busy
+processes — and the automatic thread count of nanoseek/train/threads.py, which leaves the cores busy processes use
+to them unless the threads sleep while they wait), torch's defaults (nanoseek told to keep the environment), a
+passive wait policy, a short spin (GOMP_SPINCOUNT), and one thread; all but the first keep their thread count
+whatever the load. (Until 2026-12-04 the child imported torch first, so `nanoseek auto` ran with libgomp's default
+wait, not nanoseek's; until 2026-12-04, afternoon, nanoseek spun briefly beside busy processes too and trained
+there on one thread.)
 Goal: under load the demo takes at most 2.5× its idle time, with no slowdown on an idle machine against torch's
 defaults.
 
