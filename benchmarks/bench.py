@@ -3,6 +3,9 @@
     python benchmarks/bench.py                      # all of them (what `make bench` runs), then the table
     python benchmarks/bench.py --only moe_throughput,decode_speed   # rerun some; the others' last results stay
 
+A table is one machine's: `--only` is refused where runs/bench lacks the other benchmarks' results or holds another
+machine's (a fresh clone, another CPU), as their rows would be dropped or mixed in.
+
 Before each benchmark the 1-minute load average (/proc/loadavg) is read. A machine whose load is above --max-load
 is not necessarily busy now (the average still holds the tail of the benchmark that just ended), so the CPU time
 other processes use is then sampled from /proc/stat over a few seconds while this script sleeps; the benchmark
@@ -161,6 +164,21 @@ def machine() -> dict:
     }
 
 
+def refuse_partial_table(out: Path, names: list[str], info: dict, table: Path) -> None:
+    """A table is one machine's: ``--only`` may rerun some benchmarks only where the others' results from this same
+    machine are in ``out`` (on a fresh clone or another machine their rows would be dropped or mixed in)."""
+    others = [n for n in BENCHMARKS if n not in names]
+    if not others:
+        return
+    missing = [n for n in others if not (out / f"{n}.json").exists()]
+    before = json.loads((out / "machine.json").read_text()) if (out / "machine.json").exists() else {}
+    if missing or (before.get("cpu"), before.get("cores")) != (info["cpu"], info["cores"]):
+        elsewhere = f"results from another machine ({before.get('cpu')}, {before.get('cores')} cores)"
+        why = f"{out} holds " + (f"no results of {', '.join(missing)}" if missing else elsewhere)
+        raise SystemExit(f"--only {','.join(names)}: {why}, so {table} would lose or mix rows; run every "
+                         "benchmark here (make bench), or write the table elsewhere with --table")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset (default: all); the table "
@@ -182,6 +200,7 @@ def main() -> None:
         raise SystemExit(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
     a.out.mkdir(parents=True, exist_ok=True)
     info = machine()
+    refuse_partial_table(a.out, names, info, a.table)
     if names or not (a.out / "machine.json").exists():  # the header says when benchmarks last ran, not when the
         # table was only rewritten
         write_atomic(a.out / "machine.json", json.dumps(info, indent=1) + "\n")

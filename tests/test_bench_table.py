@@ -113,6 +113,30 @@ def test_a_failed_benchmark_keeps_its_goals_in_the_table_as_not_measured(tmp_pat
     assert "failed (exit 1): flaky: it broke" in text
 
 
+@pytest.mark.parametrize("case", ["missing", "other machine"])
+def test_a_partial_rerun_never_drops_or_mixes_rows(tmp_path, monkeypatch, case):
+    """--only on a folder without the other benchmarks' results (a fresh clone), or with results from another
+    machine, is refused before anything runs, and the table is left as it was."""
+    import bench
+
+    out, table = tmp_path / "out", tmp_path / "B.md"
+    table.write_text("the last table\n")
+    monkeypatch.setattr(bench, "BENCHMARKS", {"first": ([], []), "second": ([], [])})
+    monkeypatch.setattr(bench, "run_one", lambda *args: pytest.fail("a benchmark ran"))
+    here = {**MACHINE, "cpu": "This CPU", "cores": 2}
+    monkeypatch.setattr(bench, "machine", lambda: here)
+    out.mkdir()
+    if case == "other machine":
+        (out / "machine.json").write_text(json.dumps({**here, "cpu": "Another CPU"}))
+        write_json(out / "second.json", "second", [row("speed", 1.0)], 0.1, 2)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--only", "first", "--out", str(out), "--table", str(table)])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    expected = "no results of second" if case == "missing" else "another machine (Another CPU, 2 cores)"
+    assert expected in str(stop.value) and "make bench" in str(stop.value)
+    assert table.read_text() == "the last table\n"
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_residual_overhead_times_bf16_by_default_only_with_amx_and_keeps_its_goal(monkeypatch, amx):
     """Without AMX the bf16 run is left out by default (a bf16 matmul is slower than float32's there) and its goal
