@@ -49,6 +49,7 @@ def test_wait_policy(clean, given, busy, expected):
      ("ACTIVE", None, False), (None, None, False), (None, "0", False)],
 )  # fmt: skip
 def test_waits_passively_reads_what_openmp_reads(clean, policy, spin, expected):
+    clean.setattr(openmp, "_set_too_late", False)  # as in a process that imported nanoseek before torch
     for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):
         if value is not None:
             clean.setenv(name, value)
