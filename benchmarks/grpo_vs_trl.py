@@ -358,6 +358,11 @@ def main() -> None:
         for seed, r in enumerate(runs):
             r["step"] = statistics.median(r["times"][a.warmup :])
             r["compile"] = compile_seconds(r["times"], a.warmup)
+            split = ""
+            if r.get("generation"):  # nanoseek times its sampling: say which side the first steps' extra time was on
+                sampling = compile_seconds(r["generation"], a.warmup)
+                update = compile_seconds([t - g for t, g in zip(r["times"], r["generation"], strict=True)], a.warmup)
+                split = f": sampling {sampling:.1f} s, the update {update:.1f} s"
             got = time_to_reward(r["times"], r["rewards"], a.target, a.window)
             r["warm"] = None if got is None else got - r["compile"]
             reached = f"{got:.1f} s" if got is not None else f"not reached within {a.steps} steps"
@@ -365,7 +370,7 @@ def main() -> None:
             print(f"{r['name']}, seed {seed}: {r['step']:.3f} s/step (median of {len(r['times']) - a.warmup}); "
                   f"reward {first:.3f} over the first {a.window} steps, {last:.3f} over the last; zero-variance "
                   f"groups {statistics.mean(r['zero_var']):.2f}; time to reward {a.target}: {reached} (the first "
-                  f"steps' extra time, compiling: {r['compile']:.1f} s)")  # fmt: skip
+                  f"steps' extra time, compiling: {r['compile']:.1f} s{split})")  # fmt: skip
         warm = median_reached([r["warm"] for r in runs])
         compile_once = runs[0]["compile"]  # what a process pays once: later seeds reuse its compiled graphs
         summary[key] = {
