@@ -142,6 +142,13 @@ def compile_seconds(times: list[float], warmup: int) -> float:
     return max(0.0, sum(times[:warmup]) - warmup * statistics.median(times[warmup:]))
 
 
+def compile_split(times: list[float], sampling: list[float], warmup: int) -> tuple[float, float]:
+    """``compile_seconds`` of the sampling part of each step and of the rest (the update): which side paid the
+    first steps' extra time (a decode step built or traced, or the update's forward traced)."""
+    update = [t - g for t, g in zip(times, sampling, strict=True)]
+    return compile_seconds(sampling, warmup), compile_seconds(update, warmup)
+
+
 def steps_to_reward(rewards: list[float], target: float, window: int) -> int | None:
     """Steps taken at the end of the first window of steps whose mean reward reaches target (None: not yet)."""
     for end in range(window, len(rewards) + 1):
@@ -360,8 +367,7 @@ def main() -> None:
             r["compile"] = compile_seconds(r["times"], a.warmup)
             split = ""
             if r.get("generation"):  # nanoseek times its sampling: say which side the first steps' extra time was on
-                sampling = compile_seconds(r["generation"], a.warmup)
-                update = compile_seconds([t - g for t, g in zip(r["times"], r["generation"], strict=True)], a.warmup)
+                sampling, update = compile_split(r["times"], r["generation"], a.warmup)
                 split = f": sampling {sampling:.1f} s, the update {update:.1f} s"
             got = time_to_reward(r["times"], r["rewards"], a.target, a.window)
             r["warm"] = None if got is None else got - r["compile"]

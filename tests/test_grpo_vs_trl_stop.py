@@ -1,13 +1,15 @@
 """The GRPO benchmark's stopping rule (benchmarks/grpo_vs_trl.py): a run may end early only once its windowed
 reward has reached the target and it has taken --min-steps steps, and the time to the reward is the same whether
-the run went on or not."""
+the run went on or not; and how the first steps' extra time is split between sampling and the update."""
 
 import argparse
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from grpo_vs_trl import run_is_done, steps_to_reward, time_to_reward  # noqa: E402
+from grpo_vs_trl import compile_seconds, compile_split, run_is_done, steps_to_reward, time_to_reward  # noqa: E402
 
 
 def args(min_steps: int, target: float = 0.5, window: int = 3) -> argparse.Namespace:
@@ -40,3 +42,11 @@ def test_stopping_early_keeps_the_time_to_the_reward():
     assert time_to_reward(times[:stop], rewards[:stop], a.target, a.window) == time_to_reward(
         times, rewards, a.target, a.window
     )
+
+
+def test_the_first_steps_extra_time_is_split_between_sampling_and_the_update():
+    times = [5.0, 1.5, 1.0, 1.0, 1.2, 1.0]  # after 2 warm-up steps the median step is 1.0 s
+    sampling = [0.5, 0.5, 0.4, 0.4, 0.6, 0.4]  # median 0.4 s: the first two steps' sampling paid 0.2 s extra
+    assert compile_seconds(times, 2) == 4.5  # 6.5 s against 2 x 1.0 s
+    assert compile_split(times, sampling, 2) == pytest.approx((0.2, 4.3), abs=1e-12)  # the update: 4.3 s
+    assert compile_split([1.0] * 4, [0.3] * 4, 1) == (0.0, 0.0)  # no step slower than the median: nothing extra
