@@ -66,8 +66,10 @@ for step in range(steps):
     engine.set_lr(step)
     stage.step(step)
     times.append(time.perf_counter() - t0)
+from nanoseek import openmp
+wait = openmp.chosen or "none"  # what nanoseek set as it was imported ("none": the environment as it was)
 print(json.dumps({"step_s": statistics.median(times[3:]), "cpu_s": time.process_time() - cpu0,
-                  "threads": torch.get_num_threads()}))
+                  "threads": torch.get_num_threads(), "wait": wait}))
 """
 
 
@@ -138,7 +140,12 @@ def main() -> None:
         counts = f"{idle[name][0]['threads']}/{busy[name][0]['threads']}"
         print(f"{name:<22}{counts:>9}{a:>13.3f}{a / base:>10.2f}{b:>15.3f}{b / a:>13.2f}"
               f"{ca:>12.1f}{cb:>14.1f}")  # fmt: skip
-    print("\ngoal: loaded/idle <= 2.5 for 'nanoseek auto', and its idle time not above torch's defaults")
+    waits = {
+        side: sorted({r["wait"] for r in runs["nanoseek auto"]}) for side, runs in (("idle", idle), ("loaded", busy))
+    }
+    print(f"\nnanoseek auto's wait, as chosen at import: idle {' / '.join(waits['idle'])}, loaded "
+          f"{' / '.join(waits['loaded'])}")  # fmt: skip
+    print("goal: loaded/idle <= 2.5 for 'nanoseek auto', and its idle time not above torch's defaults")
     # the goals' ratios per repeat (repeat i's runs of the two sides): their median and range
     loaded = [b["step_s"] / a["step_s"] for a, b in zip(idle["nanoseek auto"], busy["nanoseek auto"], strict=True)]
     versus = [a["step_s"] / d["step_s"] for a, d in zip(idle["nanoseek auto"], idle["torch defaults"], strict=True)]
